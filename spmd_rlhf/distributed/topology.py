@@ -1,0 +1,190 @@
+"""Process group and device meshes: the one place that knows how ranks are laid out.
+
+Every rank runs the same program. This module reads the launcher's environment (torchrun or
+SLURM's srun; plain ``python`` is a world of one), starts the default process group (NCCL on
+CUDA, gloo on CPU) with a collective timeout, and builds three named views over the same ranks
+(colocated placement):
+
+* training mesh ``(dp_replicate, dp_shard)``: FSDP2 shards over ``dp_shard`` and replicates
+  (HSDP) over ``dp_replicate``;
+* generation mesh ``(gen_dp, tp)``: each ``tp`` group of consecutive ranks hosts one engine
+  replica (the grouping vLLM's ``external_launcher`` uses), ``gen_dp`` replicas split prompts;
+* reshard mesh ``(dp_replicate, gen_in_shard, tp)``: the training mesh with ``dp_shard`` split
+  into ``gen_in_shard * tp``; FSDP's ``Shard(0)`` over ``dp_shard`` is
+  ``[Replicate(), Shard(0), Shard(0)]`` here, and the rollout wants
+  ``[Replicate(), Replicate(), Shard(d)]`` (see ``reshard.py``).
+
+All three are flattenings of one root mesh, so rank ``r`` has the same coordinates in each.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[012-015,020],cpu7`` -> ``gpu012``."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    assert match, f"unparseable SLURM_NODELIST {nodelist!r}"
+    prefix, bracket = match.group(1), match.group(3)
+    if bracket is None:
+        return prefix
+    first = bracket.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Read torchrun's or srun's variables; without either, a world of one."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1")),
+            master_port=int(env.get("MASTER_PORT", str(20000 + job_id % 20000))),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", "0") or 0), "single")
+
+
+@dataclass
+class Topology:
+    """The started process group and the meshes every other module uses."""
+
+    env: LaunchEnv
+    device: torch.device
+    backend: str
+    train_mesh: DeviceMesh  # (dp_replicate, dp_shard)
+    gen_mesh: DeviceMesh  # (gen_dp, tp)
+    reshard_mesh: DeviceMesh  # (dp_replicate, gen_in_shard, tp)
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.train_mesh.size()
+
+    @property
+    def tp(self) -> int:
+        return self.gen_mesh["tp"].size()
+
+    @property
+    def gen_dp(self) -> int:
+        return self.gen_mesh["gen_dp"].size()
+
+    @property
+    def tp_rank(self) -> int:
+        return self.gen_mesh["tp"].get_local_rank()
+
+    @property
+    def gen_dp_rank(self) -> int:
+        return self.gen_mesh["gen_dp"].get_local_rank()
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh handed to ``fully_shard``: 1-D over dp_shard, or 2-D for HSDP."""
+        if self.train_mesh["dp_replicate"].size() == 1:
+            return self.train_mesh["dp_shard"]
+        return self.train_mesh
+
+
+def _pick_device(local_rank: int) -> tuple[torch.device, str]:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device()), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEnv | None = None) -> Topology:
+    """Start the default process group and build the meshes.
+
+    Sizes must already be validated (``config.validate``): world = dp_replicate * dp_shard and
+    tp divides dp_shard.
+    """
+    env = env or read_launch_env()
+    device, backend = _pick_device(env.local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        if env.launcher == "single" and not env.master_port:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        else:
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    world = dist.get_world_size()
+    assert world % dp_replicate == 0, "validated earlier"
+    dp_shard = world // dp_replicate
+    assert dp_shard % tp == 0, "validated earlier"
+    root = init_device_mesh(
+        device.type,
+        (dp_replicate, dp_shard // tp, tp),
+        mesh_dim_names=("dp_replicate", "gen_in_shard", "tp"),
+    )
+    root["gen_in_shard", "tp"]._flatten("dp_shard")
+    root["dp_replicate", "gen_in_shard"]._flatten("gen_dp")
+    with warnings.catch_warnings():
+        # Slicing flattened dims from the root keeps all three meshes views of one root, which
+        # is what makes rank coordinates agree; torch warns that this will change.
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        train_mesh = root["dp_replicate", "dp_shard"]
+        gen_mesh = root["gen_dp", "tp"]
+    return Topology(env=env, device=device, backend=backend, train_mesh=train_mesh, gen_mesh=gen_mesh, reshard_mesh=root)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
