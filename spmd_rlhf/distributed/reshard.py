@@ -24,6 +24,7 @@ one bucket; the consumer copies the slices into the engine and drops them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -32,6 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 _REPLICATE3 = [Replicate(), Replicate(), Replicate()]
+# DTensor warns that nested Shard(0) -> Replicate needs two all-gathers; that is the plan here.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,0 +1,293 @@
+"""Typed configuration: one dataclass per section, registered in Hydra's ConfigStore, and the
+validation that runs before any process group or model exists.
+
+Every user-facing mistake raises ``ConfigError`` (a ``ValueError``) naming the key and the fix.
+Validation is a pure function of the config and the world size, so every rank reaches the same
+verdict and exits the same way: no rank waits on a collective that another rank never enters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for recipes that want required keys)
+
+ALGORITHMS = ("grpo",)
+ENGINES = ("torch", "vllm")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+WEIGHT_SYNC = ("dtensor", "full")
+
+
+class ConfigError(ValueError):
+    """A configuration a user can fix; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # HF directory (config.json + safetensors); null = embedded tiny model
+    tokenizer_path: str | None = None  # defaults to model.path
+    hidden_size: int = 64  # embedded model only
+    num_layers: int = 2
+    num_heads: int = 4
+    activation_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ArithmeticTaskConfig:
+    digits: int = 2
+    num_val: int = 256
+    carry_drop_prob: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # empty = the embedded arithmetic task
+    val_files: list[str] = field(default_factory=list)
+    max_prompt_length: int = 512
+    apply_chat_template: bool = True
+    max_bad_row_fraction: float = 0.01
+    default_data_source: str | None = None
+    shuffle: bool = True
+    seed: int = 0
+    max_val_examples: int = 512
+    arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+
+
+@dataclass
+class RewardConfig:
+    custom_function: str | None = None  # "package.module:function" or "file.py:function"
+    timeout_s: float = 10.0
+    default_source: str | None = None
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "torch"  # torch | vllm
+    n: int = 8  # samples per prompt
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    val_temperature: float = 0.0  # 0 = greedy evaluation
+    weight_sync: str = "dtensor"  # dtensor | full
+    bucket_mb: int = 256
+    max_batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    norm_adv_by_std: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg_mode: str = "token-mean"
+    use_kl_loss: bool = True
+    kl_coef: float = 0.001
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 1
+
+
+@dataclass
+class SFTWarmupConfig:
+    steps: int = 0  # 0 = no supervised warm start
+    batch_size: int = 64  # demonstrations per step, global
+    lr: float = 3e-3
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    batch_size: int = 32  # prompts per step, global
+    mini_batch_size: int = 32  # prompts per optimizer step, global
+    micro_batch_size: int = 64  # sequences per forward/backward, per rank
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    seed: int = 0
+    save_every: int = 0  # 0 = never
+    resume: str = "never"  # auto | never | PATH
+    eval_before: bool = True
+    eval_after: bool = True
+    sft: SFTWarmupConfig = field(default_factory=SFTWarmupConfig)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    project: str = "spmd_rlhf"
+    run_name: str | None = None
+    console: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    tp: int = 1  # generation tensor-parallel size
+    dp_replicate: int = 1  # HSDP replicas; dp_shard = world / dp_replicate
+    timeout_s: float = 600.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def register_configs() -> None:
+    """Register the schema; YAML in ``configs/`` and ``recipes/`` is validated against it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} must be {bound}; set {key}=<a {'non-negative' if allow_zero else 'positive'} value>")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}; set {key}=<one of them>")
+
+
+def _divides(divisor: int, total: int, div_key: str, total_key: str, hint: str = "") -> None:
+    if total % divisor != 0:
+        raise ConfigError(
+            f"{total_key}={total} is not divisible by {div_key}={divisor}; choose {total_key} as a multiple of "
+            f"{divisor}{hint}"
+        )
+
+
+def _validate_sizes(cfg: Config) -> None:
+    for key, value in [
+        ("trainer.total_steps", cfg.trainer.total_steps),
+        ("trainer.batch_size", cfg.trainer.batch_size),
+        ("trainer.mini_batch_size", cfg.trainer.mini_batch_size),
+        ("trainer.micro_batch_size", cfg.trainer.micro_batch_size),
+        ("rollout.n", cfg.rollout.n),
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+        ("rollout.bucket_mb", cfg.rollout.bucket_mb),
+        ("rollout.max_batch_size", cfg.rollout.max_batch_size),
+        ("algorithm.ppo_epochs", cfg.algorithm.ppo_epochs),
+        ("data.max_prompt_length", cfg.data.max_prompt_length),
+        ("distributed.tp", cfg.distributed.tp),
+        ("distributed.dp_replicate", cfg.distributed.dp_replicate),
+        ("distributed.timeout_s", cfg.distributed.timeout_s),
+        ("reward.timeout_s", cfg.reward.timeout_s),
+        ("model.hidden_size", cfg.model.hidden_size),
+        ("model.num_layers", cfg.model.num_layers),
+        ("model.num_heads", cfg.model.num_heads),
+    ]:
+        _positive(value, key)
+    for key, value in [
+        ("trainer.lr", cfg.trainer.lr),
+        ("trainer.weight_decay", cfg.trainer.weight_decay),
+        ("trainer.grad_clip", cfg.trainer.grad_clip),
+        ("trainer.warmup_steps", cfg.trainer.warmup_steps),
+        ("trainer.save_every", cfg.trainer.save_every),
+        ("trainer.sft.steps", cfg.trainer.sft.steps),
+        ("rollout.temperature", cfg.rollout.temperature),
+        ("rollout.val_temperature", cfg.rollout.val_temperature),
+        ("rollout.top_k", cfg.rollout.top_k),
+        ("algorithm.kl_coef", cfg.algorithm.kl_coef),
+        ("algorithm.clip_low", cfg.algorithm.clip_low),
+        ("algorithm.clip_high", cfg.algorithm.clip_high),
+    ]:
+        _positive(value, key, allow_zero=True)
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]; set rollout.top_p=1.0 to disable it")
+    if not 0.0 <= cfg.data.max_bad_row_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_row_fraction={cfg.data.max_bad_row_fraction} must be in [0, 1]")
+    if cfg.trainer.sft.steps > 0:
+        _positive(cfg.trainer.sft.batch_size, "trainer.sft.batch_size")
+        _positive(cfg.trainer.sft.lr, "trainer.sft.lr")
+
+
+def _validate_layout(cfg: Config, world_size: int) -> None:
+    dist_cfg, trainer = cfg.distributed, cfg.trainer
+    _divides(dist_cfg.dp_replicate, world_size, "distributed.dp_replicate", "world size",
+             " (the number of launched processes)")
+    dp_shard = world_size // dist_cfg.dp_replicate
+    if dp_shard % dist_cfg.tp != 0:
+        raise ConfigError(
+            f"distributed.tp={dist_cfg.tp} does not divide the {dp_shard} ranks of a data-parallel shard group "
+            f"(world size {world_size} / distributed.dp_replicate={dist_cfg.dp_replicate}); set distributed.tp to a "
+            f"divisor of {dp_shard}"
+        )
+    if trainer.mini_batch_size > trainer.batch_size:
+        raise ConfigError(
+            f"trainer.mini_batch_size={trainer.mini_batch_size} exceeds trainer.batch_size={trainer.batch_size}; "
+            "set trainer.mini_batch_size <= trainer.batch_size"
+        )
+    _divides(trainer.mini_batch_size, trainer.batch_size, "trainer.mini_batch_size", "trainer.batch_size")
+    _divides(world_size, trainer.batch_size, "the world size", "trainer.batch_size",
+             " so every data-parallel rank gets the same number of prompts")
+    _divides(world_size, trainer.mini_batch_size, "the world size", "trainer.mini_batch_size")
+    if cfg.trainer.sft.steps > 0:
+        _divides(world_size, cfg.trainer.sft.batch_size, "the world size", "trainer.sft.batch_size")
+
+
+def _validate_choices(cfg: Config) -> None:
+    _choice(cfg.algorithm.name, "algorithm.name", ALGORITHMS)
+    _choice(cfg.algorithm.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
+    _choice(cfg.algorithm.kl_estimator, "algorithm.kl_estimator", KL_ESTIMATORS)
+    _choice(cfg.rollout.engine, "rollout.engine", ENGINES)
+    _choice(cfg.rollout.weight_sync, "rollout.weight_sync", WEIGHT_SYNC)
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError(
+            "rollout.engine=vllm is not available in this build yet; set rollout.engine=torch"
+        )
+    resume = cfg.trainer.resume
+    if resume not in ("auto", "never") and not os.path.exists(resume):
+        raise ConfigError(f"trainer.resume={resume!r} is neither auto, never nor an existing checkpoint path")
+
+
+def _validate_paths(cfg: Config) -> None:
+    if cfg.model.path is not None:
+        path = cfg.model.path
+        if not os.path.isdir(path):
+            raise ConfigError(
+                f"model.path={path!r} is not a directory; point model.path at a Hugging Face model directory "
+                "(config.json + *.safetensors), or leave it unset for the embedded tiny model"
+            )
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model.path={path!r} has no config.json; it must be a Hugging Face model directory")
+        if not os.access(os.path.join(path, "config.json"), os.R_OK):
+            raise ConfigError(f"model.path={path!r}: config.json is not readable; fix its permissions")
+    if cfg.model.path is None and cfg.data.train_files:
+        raise ConfigError(
+            "data.train_files is set but model.path is not; the embedded tiny model only knows the embedded "
+            "arithmetic task. Set model.path=<HF model dir> or clear data.train_files"
+        )
+    for key, files in [("data.train_files", cfg.data.train_files), ("data.val_files", cfg.data.val_files)]:
+        for path in files:
+            if not os.path.isfile(path):
+                raise ConfigError(f"{key}: file {path!r} does not exist; fix the path in {key}")
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Raise ``ConfigError`` for anything a user got wrong. Cheap; no process group needed."""
+    _validate_sizes(cfg)
+    _validate_choices(cfg)
+    _validate_layout(cfg, world_size)
+    _validate_paths(cfg)

@@ -1,0 +1,43 @@
+"""``build_models``: the policy (trainable) and, when KL is used, the frozen reference, both FSDP2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from ..config import Config
+from ..distributed.topology import Topology
+from .load import build_causal_lm
+from .parallelize import copy_sharded_weights, parallelize
+
+
+@dataclass
+class Models:
+    actor: torch.nn.Module
+    hf_config: PretrainedConfig
+
+
+def build_models(cfg: Config, topo: Topology, hf_config: PretrainedConfig) -> Models:
+    """The sharded actor: every rank builds the same weights, then keeps its shard."""
+    model = build_causal_lm(cfg, hf_config, seed=cfg.trainer.seed)
+    model = parallelize(model, topo.fsdp_mesh, topo.device, cfg.model.activation_checkpointing, trainable=True)
+    return Models(actor=model, hf_config=hf_config)
+
+
+@torch.no_grad()
+def build_reference(actor: torch.nn.Module, hf_config: PretrainedConfig, topo: Topology) -> torch.nn.Module:
+    """A frozen copy of ``actor`` as it is now: built on meta, sharded alike, shards copied in.
+
+    Nothing is read from disk twice; non-persistent buffers (rotary tables) are copied too.
+    """
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    ref = parallelize(ref, topo.fsdp_mesh, topo.device, activation_checkpointing=False, trainable=False)
+    ref.to_empty(device=topo.device)
+    copy_sharded_weights(actor, ref)
+    actor_buffers = dict(actor.named_buffers())
+    for name, buffer in ref.named_buffers():
+        buffer.copy_(actor_buffers[name])
+    return ref

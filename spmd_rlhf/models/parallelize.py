@@ -1,0 +1,63 @@
+"""FSDP2 for the trainable and frozen models: the one place training parallelism is applied.
+
+Order (torchtitan's): activation checkpointing, then ``fully_shard`` on every decoder layer,
+then on the root. On CUDA the layers compute in bf16 with fp32 gradient reduction
+(``MixedPrecisionPolicy``); on CPU everything stays fp32. Tensor parallelism for generation lives
+in ``tp_plan.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a HF causal LM (``model.model.layers`` for Llama/Qwen/Mistral)."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    assert layers is not None, f"{type(model).__name__} has no model.layers; add its block list here"
+    return list(layers)
+
+
+def mixed_precision(device: torch.device) -> MixedPrecisionPolicy | None:
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def parallelize(
+    model: torch.nn.Module,
+    mesh: DeviceMesh,
+    device: torch.device,
+    activation_checkpointing: bool = False,
+    trainable: bool = True,
+) -> FSDPModule:
+    """Shard ``model`` (full weights on the CPU) over ``mesh`` and move the shards to ``device``.
+
+    A frozen model (the reference policy) gets ``requires_grad_(False)`` and keeps nothing for
+    backward.
+    """
+    if activation_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    model.config.use_cache = False
+    kwargs = {"mesh": mesh}
+    policy = mixed_precision(device)
+    if policy is not None:
+        kwargs["mp_policy"] = policy
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)  # also moves parameters and buffers to the mesh's device
+    return model
+
+
+@torch.no_grad()
+def copy_sharded_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Copy one FSDP2 model's local shards into another's sharded the same way (no communication)."""
+    for (name, src), (tgt_name, tgt) in zip(source.named_parameters(), target.named_parameters(), strict=True):
+        assert name == tgt_name, f"parameter order differs: {name} vs {tgt_name}"
+        tgt.to_local().copy_(src.to_local())

@@ -1,0 +1,215 @@
+"""A rollout engine in plain PyTorch: the HF model under the tensor-parallel plan, no vLLM.
+
+Each tp group of the generation mesh hosts one replica. Its ranks all-gather their prompts,
+generate the concatenation in lock-step (identical inputs, identical sampled tokens), and each
+returns its own share; different replicas (gen_dp ranks) generate different prompts.
+
+Generation is batched: chunks of ``max_batch_size`` rows, left-padded, one prefill and then one
+forward per decode step over the whole chunk with a ``DynamicCache``. Sampling runs in fp32
+(temperature, top-k, top-p) from a ``torch.Generator`` seeded by ``SamplingConfig.seed``; the
+sampled tokens are also broadcast from tp rank 0 each step, so that a last-bit difference in
+logits between ranks can never make them disagree on tokens or on when to stop (which would
+desynchronise their collectives). Logprobs are taken under ``softmax(logits / T)`` before
+filtering, the quantity the actor recomputes with ``log_softmax(logits / T)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import Cache
+
+from spmd_rlhf.models.tp_plan import apply_tensor_parallel
+from spmd_rlhf.rollout.base import SamplingConfig, Samples
+
+
+@dataclass
+class _Chunk:
+    """Generated rows of one chunk, on the host."""
+
+    tokens_BT: torch.Tensor
+    logprobs_BT: torch.Tensor
+    lengths_B: torch.Tensor
+    stopped_B: torch.Tensor
+
+
+def sample_tokens(
+    logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; returns ``(tokens_B, logprobs_B)``.
+
+    Logprobs are of the drawn token under ``softmax(logits / T)`` (T = 1 when greedy), before
+    top-k/top-p. Top-p keeps the smallest prefix of the sorted distribution whose mass reaches
+    ``top_p`` (the top token always); it applies after top-k, as in HF.
+    """
+    logits_BV = logits_BV.float()
+    if sampling.temperature == 0:
+        tokens_B = logits_BV.argmax(dim=-1)
+        logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+        return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+    scaled_BV = logits_BV / sampling.temperature
+    logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
+    filtered_BV = scaled_BV
+    vocab = scaled_BV.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth_B1 = torch.topk(scaled_BV, sampling.top_k, dim=-1).values[:, -1:]
+        filtered_BV = filtered_BV.masked_fill(filtered_BV < kth_B1, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_BV, order_BV = torch.sort(filtered_BV, dim=-1, descending=True)
+        probs_BV = torch.softmax(sorted_BV, dim=-1)
+        mass_before_BV = torch.cumsum(probs_BV, dim=-1) - probs_BV
+        drop_BV = mass_before_BV >= sampling.top_p
+        drop_BV[:, 0] = False
+        filtered_BV = filtered_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
+    probs_BV = torch.softmax(filtered_BV, dim=-1)
+    tokens_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids_BL, attention_mask_BL)`` with every prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids_BL = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask_BL = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids_BL[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask_BL[row, width - len(prompt):] = 1
+    return ids_BL.to(device), mask_BL.to(device)
+
+
+class TorchEngine:
+    """HF causal LM + tensor-parallel plan + batched KV-cache sampling (``RolloutEngine``)."""
+
+    def __init__(
+        self,
+        hf_config: PretrainedConfig,
+        gen_mesh: DeviceMesh,
+        device: torch.device,
+        dtype: torch.dtype,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        max_batch_size: int = 256,
+    ) -> None:
+        if not eos_token_ids:
+            raise ValueError("rollout engine needs at least one EOS token id (tokenizer eos_token_id)")
+        if max_batch_size < 1:
+            raise ValueError(f"rollout.max_batch_size must be >= 1, got {max_batch_size}")
+        self.device = torch.device(device)
+        self.tp_mesh = gen_mesh["tp"]
+        self.tp_group = self.tp_mesh.get_group()
+        self.eos_ids = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.weight_version = 0
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)
+        model.eval().requires_grad_(False)
+        self.model = apply_tensor_parallel(model, self.tp_mesh)
+        self._params = dict(self.model.named_parameters())
+
+    # -- weights ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """Copy each tensor-parallel slice into its parameter's local tensor."""
+        for bucket in buckets:
+            for name, piece in bucket:
+                assert name in self._params, f"engine has no parameter {name}"
+                param = self._params[name]
+                local = param.to_local() if isinstance(param, DTensor) else param
+                assert local.shape == piece.shape, f"{name}: engine slice {tuple(local.shape)} != {tuple(piece.shape)}"
+                local.copy_(piece)
+        self.weight_version += 1
+
+    def sleep(self) -> None:
+        """Free cached allocator blocks. The KV cache already died with ``generate``; the
+        weights stay resident (this engine has no offload), so on CUDA little is freed."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Nothing to restore: ``sleep`` kept the weights."""
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _gather_prompts(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Concatenate the tp group's prompt lists; returns them and this rank's offset."""
+        if self.tp_mesh.size() == 1:
+            return prompts, 0
+        gathered: list[list[list[int]] | None] = [None] * self.tp_mesh.size()
+        dist.all_gather_object(gathered, prompts, group=self.tp_group)
+        rank = self.tp_mesh.get_local_rank()
+        offset = sum(len(part) for part in gathered[:rank])
+        return [p for part in gathered for p in part], offset
+
+    def _agree(self, tokens_B: torch.Tensor) -> torch.Tensor:
+        """Make every tp rank hold tp rank 0's tokens."""
+        if self.tp_mesh.size() > 1:
+            dist.broadcast(tokens_B, group=self.tp_group, group_src=0)
+        return tokens_B
+
+    def _forward(
+        self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, positions_BL: torch.Tensor, cache: Cache | None
+    ) -> tuple[torch.Tensor, Cache]:
+        """One model step over the new positions; returns last-position logits and the cache."""
+        out = self.model(
+            input_ids=ids_BL,
+            attention_mask=mask_BL,
+            position_ids=positions_BL,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1], out.past_key_values
+
+    @torch.no_grad()
+    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator) -> _Chunk:
+        ids_BL, mask_BL = left_pad(prompts, self.pad_token_id, self.device)
+        positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+        logits_BV, cache = self._forward(ids_BL, mask_BL, positions_BL, None)
+        next_pos_B1 = mask_BL.sum(-1, keepdim=True)
+        batch, steps = len(prompts), sampling.max_new_tokens
+        tokens_BT = torch.full((batch, steps), self.pad_token_id, dtype=torch.long, device=self.device)
+        logprobs_BT = torch.zeros((batch, steps), dtype=torch.float32, device=self.device)
+        lengths_B = torch.zeros(batch, dtype=torch.long, device=self.device)
+        done_B = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for step in range(steps):
+            tokens_B, logprobs_B = sample_tokens(logits_BV, sampling, generator)
+            tokens_B = self._agree(tokens_B).masked_fill(done_B, self.pad_token_id)
+            tokens_BT[:, step] = tokens_B
+            logprobs_BT[:, step] = logprobs_B.masked_fill(done_B, 0.0)
+            lengths_B += (~done_B).long()
+            done_B |= torch.isin(tokens_B, self.eos_ids)
+            if step == steps - 1 or bool(done_B.all()):
+                break
+            mask_BL = torch.cat([mask_BL, (~done_B).long()[:, None]], dim=1)
+            logits_BV, cache = self._forward(tokens_B[:, None], mask_BL, next_pos_B1, cache)
+            next_pos_B1 = next_pos_B1 + 1
+        stopped_B = torch.isin(tokens_BT.gather(1, (lengths_B - 1)[:, None]).squeeze(1), self.eos_ids)
+        return _Chunk(tokens_BT.cpu(), logprobs_BT.cpu(), lengths_B.cpu(), stopped_B.cpu())
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:
+        """``sampling.n`` completions per prompt of this rank, prompt-major."""
+        if any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("rollout prompts must hold at least one token")
+        prompts, offset = self._gather_prompts(prompt_token_ids)
+        rows = [p for p in prompts for _ in range(sampling.n)]
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        samples = Samples([], [], [])
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = self._generate_chunk(rows[start:start + self.max_batch_size], sampling, generator)
+            for tokens_T, logprobs_T, length, stopped in zip(
+                chunk.tokens_BT.tolist(), chunk.logprobs_BT.tolist(), chunk.lengths_B.tolist(), chunk.stopped_B.tolist()
+            ):
+                samples.token_ids.append(tokens_T[:length])
+                samples.logprobs.append(logprobs_T[:length])
+                samples.finish_reasons.append("stop" if stopped else "length")
+        mine = slice(offset * sampling.n, (offset + len(prompt_token_ids)) * sampling.n)
+        return Samples(samples.token_ids[mine], samples.logprobs[mine], samples.finish_reasons[mine])

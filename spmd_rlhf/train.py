@@ -1,0 +1,191 @@
+"""``python -m spmd_rlhf.train [recipe=NAME] [key=value ...]``: the one program every rank runs.
+
+Order matters for failing well: the config is validated, the tokenizer and data are loaded (all
+user errors surface here, identically on every rank) BEFORE the process group starts or any
+model is built. After that, a failure on one rank ends the job through the launcher (torchrun and
+srun tear the other ranks down) and every collective has a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import Config, ConfigError, register_configs, validate
+from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
+from .data.loader import PromptLoader
+from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
+from .models.build import build_models, build_reference
+from .models.load import eos_token_ids, load_tokenizer, model_config
+from .models.tp_plan import param_shard_dims, replicated_dims
+from .rewards.registry import RewardScorer
+from .rollout.build import build_engine
+from .tasks.arithmetic import AdditionTask
+from .trainer.actor import Actor
+from .trainer.loop import Trainer
+from .trainer.metrics import MetricsLogger
+from .trainer.schedule import build_scheduler
+from .trainer.sft import sft_warm_start
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+RECIPE_DIR = REPO_ROOT / "recipes"
+log = logging.getLogger("spmd_rlhf")
+
+
+def _register() -> None:
+    register_configs()
+    store = ConfigStore.instance()
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    # Only rank 0 writes Hydra's copy of the config into the run directory.
+    OmegaConf.register_new_resolver(
+        "rank_zero_subdir", lambda: ".hydra" if os.environ.get("RANK", "0") == "0" else None, replace=True
+    )
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list[PromptExample], list[PromptExample]]:
+    """Training and held-out prompts: files in verl's format, or the embedded arithmetic task."""
+    d = cfg.data
+    common = dict(tokenizer=tokenizer, max_prompt_length=d.max_prompt_length, apply_chat_template=d.apply_chat_template,
+                  max_bad_fraction=d.max_bad_row_fraction, default_data_source=d.default_data_source)
+    if not d.train_files:
+        train_rows, val_rows = arithmetic_task(cfg).rows()
+        train, _ = build_prompt_examples([(i + 1, r) for i, r in enumerate(train_rows)], key="data.train_files", **common)
+        val, _ = build_prompt_examples([(i + 1, r) for i, r in enumerate(val_rows)], key="data.val_files", **common)
+        return train, val[: d.max_val_examples]
+    train, _ = load_prompt_dataset(d.train_files, key="data.train_files", **common)
+    val: list[PromptExample] = []
+    if d.val_files:
+        val, _ = load_prompt_dataset(d.val_files, key="data.val_files", **common)
+    return train, val[: d.max_val_examples]
+
+
+def arithmetic_task(cfg: Config) -> AdditionTask:
+    a = cfg.data.arithmetic
+    return AdditionTask(digits=a.digits, num_val=a.num_val, carry_drop_prob=a.carry_drop_prob, seed=a.seed)
+
+
+def sft_demonstrations(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
+    count = cfg.trainer.sft.steps * cfg.trainer.sft.batch_size
+    demos = arithmetic_task(cfg).demonstrations(count, seed=cfg.trainer.seed + 1)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    return [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in demos]
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)
+
+
+def shared_run_dir(run_dir: str, topo: Topology) -> str:
+    """Rank 0's Hydra run directory, on every rank (their clocks may straddle a second)."""
+    box = [run_dir]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] != run_dir and os.path.isdir(run_dir) and not os.listdir(run_dir):
+        os.rmdir(run_dir)
+    os.makedirs(box[0], exist_ok=True)
+    return box[0]
+
+
+def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, logger: MetricsLogger) -> Trainer:
+    hf_config = model_config(cfg, tokenizer)
+    actor_model = build_models(cfg, topo, hf_config).actor
+    if cfg.trainer.sft.steps > 0:
+        if cfg.model.path is not None:
+            raise ConfigError("trainer.sft.steps > 0 needs the embedded task's demonstrations; set trainer.sft.steps=0")
+        metrics = sft_warm_start(actor_model, sft_demonstrations(cfg, tokenizer), cfg.trainer.sft, topo.rank,
+                                 topo.world_size, topo.device, tokenizer.pad_token_id, cfg.trainer.grad_clip)
+        logger.log(0, metrics, advance=False)
+    algo = cfg.algorithm
+    reference = build_reference(actor_model, hf_config, topo) if algo.use_kl_loss and algo.kl_coef > 0 else None
+    t = cfg.trainer
+    optimizer = torch.optim.AdamW(actor_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, max(updates, t.warmup_steps), t.min_lr_ratio)
+    actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
+    engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
+    shard_dims = param_shard_dims(actor_model) if topo.tp > 1 else replicated_dims(actor_model)
+    scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
+    loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle)
+    return Trainer(cfg, topo, tokenizer, actor, reference, engine, shard_dims, scorer, loader, val, logger)
+
+
+def report(results: dict[str, dict[str, float]], logger: MetricsLogger) -> None:
+    before, after = results.get("before", {}), results.get("after", {})
+    keys = sorted(k for k in set(before) | set(after) if k.endswith("/accuracy"))
+    if not keys:
+        return
+    width = max(len(k) for k in keys)
+    lines = [f"{'held-out':<{width}}  before   after   change"]
+    for key in keys:
+        b, a = before.get(key, float("nan")), after.get(key, float("nan"))
+        lines.append(f"{key:<{width}}  {b:6.3f}  {a:6.3f}  {100 * (a - b):+6.1f} pts")
+    logger.write("\n".join(lines))
+
+
+def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str, dict[str, float]]:
+    env = read_launch_env()
+    try:  # every user error surfaces here, before any process group or model exists
+        validate(cfg, env.world_size)
+        tokenizer = load_tokenizer(cfg)
+        train, val = load_data(cfg, tokenizer)
+        RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
+        if len(train) < cfg.trainer.batch_size:
+            raise ConfigError(f"only {len(train)} usable training prompts, fewer than trainer.batch_size="
+                              f"{cfg.trainer.batch_size}; lower trainer.batch_size or add data")
+    except (ValueError, OSError) as err:
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
+    topo = init_distributed(cfg.distributed.dp_replicate, cfg.distributed.tp, cfg.distributed.timeout_s, env)
+    try:
+        run_dir = shared_run_dir(run_dir, topo)
+        seed_everything(cfg.trainer.seed, topo.rank)
+        lg = cfg.logging
+        logger = MetricsLogger(run_dir, topo.is_main, cfg.trainer.total_steps, lg, config_dict, lg.console,
+                               lg.progress_bar)
+        logger.write(f"spmd_rlhf: world {topo.world_size} ({topo.backend}), train mesh {tuple(topo.train_mesh.shape)},"
+                     f" generation mesh {tuple(topo.gen_mesh.shape)}, {len(train)} train / {len(val)} held-out prompts,"
+                     f" run dir {run_dir}")
+        trainer = build_trainer(cfg, topo, tokenizer, train, val, logger)
+        results = trainer.run()
+        report(results, logger)
+        logger.close()
+        return results
+    finally:
+        shutdown()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(dcfg: DictConfig) -> None:
+    cfg: Config = OmegaConf.to_object(dcfg)
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg, run_dir, OmegaConf.to_container(dcfg, resolve=True))
+    except ConfigError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"spmd_rlhf: configuration error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+_register()
+
+if __name__ == "__main__":
+    main()
