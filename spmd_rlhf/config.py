@@ -259,7 +259,10 @@ def _validate_choices(cfg: Config) -> None:
         )
     resume = cfg.trainer.resume
     if resume not in ("auto", "never") and not os.path.exists(resume):
-        raise ConfigError(f"trainer.resume={resume!r} is neither auto, never nor an existing checkpoint path")
+        raise ConfigError(
+            f"trainer.resume={resume!r} is neither auto, never nor an existing checkpoint path; set "
+            "trainer.resume=auto (latest checkpoint of this run, if any), never, or the path of a checkpoint"
+        )
 
 
 def _validate_paths(cfg: Config) -> None:
@@ -271,7 +274,10 @@ def _validate_paths(cfg: Config) -> None:
                 "(config.json + *.safetensors), or leave it unset for the embedded tiny model"
             )
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"model.path={path!r} has no config.json; it must be a Hugging Face model directory")
+            raise ConfigError(
+                f"model.path={path!r} has no config.json; point model.path at a Hugging Face model directory "
+                "(config.json + *.safetensors)"
+            )
         if not os.access(os.path.join(path, "config.json"), os.R_OK):
             raise ConfigError(f"model.path={path!r}: config.json is not readable; fix its permissions")
     if cfg.model.path is None and cfg.data.train_files:

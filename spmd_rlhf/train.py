@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -41,6 +42,7 @@ from .trainer.sft import sft_warm_start
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 RECIPE_DIR = REPO_ROOT / "recipes"
+CONFIG_ERROR_GRACE_S = 15.0  # how long ranks other than 0 wait before exiting on a config error
 log = logging.getLogger("spmd_rlhf")
 
 
@@ -125,7 +127,8 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, logger: Me
     engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
     shard_dims = param_shard_dims(actor_model) if topo.tp > 1 else replicated_dims(actor_model)
     scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
-    loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle)
+    loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
+                          mini_batch=t.mini_batch_size)
     return Trainer(cfg, topo, tokenizer, actor, reference, engine, shard_dims, scorer, loader, val, logger)
 
 
@@ -180,8 +183,12 @@ def main(dcfg: DictConfig) -> None:
     try:
         run(cfg, run_dir, OmegaConf.to_container(dcfg, resolve=True))
     except ConfigError as err:
-        if os.environ.get("RANK", "0") == "0":
+        if read_launch_env().rank == 0:
             print(f"spmd_rlhf: configuration error: {err}", file=sys.stderr, flush=True)
+        else:
+            # Every rank reaches the same verdict, but a launcher ends the job as soon as one rank
+            # exits: give rank 0 time to print first (its exit usually ends this rank sooner).
+            time.sleep(CONFIG_ERROR_GRACE_S)
         sys.exit(2)
 
 

@@ -1,0 +1,70 @@
+"""One GRPO step gives the same weights on 1, 2 and 4 ranks, for every loss aggregation.
+
+The worker runs the real ``Trainer`` (``generate`` with a stub engine, ``targets``, ``update``)
+on a fixed rollout with unequal lengths, 2 mini-batches and gradient accumulation, with the k3
+KL loss against a frozen reference. Losses are normalised by global counts, so the weights may
+differ only by float summation order (fp32 on CPU). The step must also move the weights far
+beyond that tolerance, and the three loss modes must disagree with each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tests.launch import REPO_ROOT, torchrun
+
+WORKER = REPO_ROOT / "tests" / "distributed" / "workers" / "grpo_step_worker.py"
+MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+RTOL, ATOL = 1e-5, 1e-6
+MOVED = 1e-4  # a step moves some weight by at least this much (100x the tolerance)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_world(tmp_path_factory):
+    """Launch the worker once per world size (on first use) and load rank 0's results."""
+    out = tmp_path_factory.mktemp("grpo_step")
+    cache: dict[int, dict] = {}
+
+    def get(nproc: int) -> dict:
+        if nproc not in cache:
+            path = out / f"world{nproc}.pt"
+            torchrun([str(WORKER), str(path)], nproc, timeout=240)
+            cache[nproc] = torch.load(path)
+            assert cache[nproc]["world"] == nproc
+        return cache[nproc]
+
+    return get
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_step_trains_and_modes_differ(run_world):
+    modes = run_world(1)["modes"]
+    assert tuple(modes) == MODES
+    for mode, result in modes.items():
+        assert result["optimizer_steps"] == 2, mode
+        assert max_diff(result["final"], result["initial"]) > MOVED, mode
+        assert result["metrics"]["actor/kl_loss"] > 0, mode
+        assert result["metrics"]["actor/grad_norm"] > 0, mode
+    for a, b in itertools.combinations(MODES, 2):
+        assert max_diff(modes[a]["final"], modes[b]["final"]) > MOVED, (a, b)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_weights_match_world_one(run_world, nproc):
+    want, got = run_world(1)["modes"], run_world(nproc)["modes"]
+    for mode in MODES:
+        torch.testing.assert_close(got[mode]["initial"], want[mode]["initial"], rtol=0, atol=0, msg=f"{mode}: init")
+        torch.testing.assert_close(got[mode]["final"], want[mode]["final"], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, mode=mode: f"{mode}, world {nproc} vs 1: {m}")
+        assert got[mode]["optimizer_steps"] == 2
+        for key, value in want[mode]["metrics"].items():
+            assert got[mode]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (mode, key)

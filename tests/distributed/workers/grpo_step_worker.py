@@ -1,0 +1,133 @@
+"""Run under torchrun: one GRPO step of the real ``Trainer`` on a fixed rollout, once per loss mode.
+
+Every world size builds the same tiny Qwen2 actor (and a reference from another seed, so the KL
+term and its gradient are non-zero from the first optimizer step), shards both with FSDP2, and
+feeds the trainer a fixed global rollout: 8 prompts x 4 samples of unequal lengths with fixed
+rewards. Prompts reach each rank through ``PromptLoader`` as in training; a stub engine returns
+the fixed samples, so ``Trainer.generate`` / ``targets`` / ``update`` run unchanged: old and
+reference logprobs, GRPO advantages, then 2 mini-batches (2 optimizer steps) of uneven
+micro-batches with the k3 KL loss. Rank 0 saves the initial and final full weights and the
+rank-reduced update metrics of every loss mode to ``argv[1]``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from spmd_rlhf.config import LOSS_AGG_MODES, Config, validate
+from spmd_rlhf.data.datasets import PromptExample
+from spmd_rlhf.data.loader import PromptLoader
+from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
+from spmd_rlhf.models.parallelize import parallelize
+from spmd_rlhf.rollout.base import Samples, SamplingConfig
+from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
+from spmd_rlhf.trainer.actor import Actor
+from spmd_rlhf.trainer.loop import Trainer
+from spmd_rlhf.trainer.metrics import reduce_metrics
+from spmd_rlhf.trainer.schedule import build_scheduler
+
+PROMPTS, N = 8, 4
+MINI_BATCH = 4  # prompts per optimizer step: 2 optimizer steps
+MICRO_BATCH = 3  # sequences per forward/backward and rank: uneven micro-batches at every world size
+ACTOR_SEED, REF_SEED = 0, 1
+# two groups with equal rewards (advantage 0: only the KL term acts on them)
+REWARDS = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 0]]
+METRICS = ("actor/grad_norm", "actor/pg_loss", "actor/kl_loss")
+
+
+def fixed_rollout(vocab: int, eos: int) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Prompts (distinct first tokens) and their N responses, lengths 2-6 and 1-8 tokens."""
+    gen = torch.Generator().manual_seed(1234)
+    prompts, responses = [], []
+    for i in range(PROMPTS):
+        length = int(torch.randint(1, 6, (1,), generator=gen))
+        prompts.append([3 + i] + torch.randint(3, vocab, (length,), generator=gen).tolist())
+        group = []
+        for j in range(N):
+            tokens = torch.randint(3, vocab, (int(torch.randint(1, 8, (1,), generator=gen)),), generator=gen).tolist()
+            group.append(tokens + [eos] if j % 2 == 0 else tokens)  # some stopped, some cut at the limit
+        responses.append(group)
+    return prompts, responses
+
+
+class FixedEngine:
+    """A rollout engine that returns the fixed samples of each prompt."""
+
+    weight_version = 0
+
+    def __init__(self, table: dict[tuple[int, ...], list[list[int]]]):
+        self.table = table
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:
+        assert sampling.n == N
+        token_ids = [list(r) for p in prompt_token_ids for r in self.table[tuple(p)]]
+        return Samples(token_ids, [[0.0] * len(t) for t in token_ids], ["stop"] * len(token_ids))
+
+
+def make_config(mode: str, world: int) -> Config:
+    cfg = Config()
+    t = cfg.trainer
+    t.total_steps, t.batch_size, t.mini_batch_size, t.micro_batch_size = 1, PROMPTS, MINI_BATCH, MICRO_BATCH
+    t.lr, t.weight_decay, t.grad_clip, t.warmup_steps = 1e-3, 0.0, 1.0, 0  # no decay: only gradients move weights
+    cfg.rollout.n, cfg.rollout.temperature = N, 1.0
+    a = cfg.algorithm
+    a.loss_agg_mode, a.use_kl_loss, a.kl_coef, a.kl_estimator, a.ppo_epochs = mode, True, 0.1, "k3", 1
+    validate(cfg, world)
+    return cfg
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+
+
+def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) -> dict:
+    cfg = make_config(mode, topo.world_size)
+    torch.manual_seed(ACTOR_SEED)
+    actor_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    initial = {name: p.detach().clone() for name, p in actor_model.named_parameters()}
+    actor_model = parallelize(actor_model, topo.fsdp_mesh, topo.device, trainable=True)
+    torch.manual_seed(REF_SEED)
+    reference = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    reference = parallelize(reference, topo.fsdp_mesh, topo.device, trainable=False)
+
+    t = cfg.trainer
+    optimizer = torch.optim.AdamW(actor_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, PROMPTS // MINI_BATCH, t.min_lr_ratio)
+    actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
+    loader = PromptLoader(examples, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
+                          mini_batch=t.mini_batch_size)  # as train.py builds it
+    trainer = Trainer(cfg, topo, tokenizer, actor, reference, engine, {}, None, loader, [], None)
+
+    prompts = loader.next()
+    rollout = trainer.generate(prompts, step=0)
+    rollout.rewards = torch.tensor([REWARDS[p.index] for p in prompts], dtype=torch.float32).view(-1)
+    targets = trainer.targets(rollout)
+    metrics = reduce_metrics(trainer.update(rollout, targets))
+    return {
+        "initial": initial,
+        "final": full_weights(actor_model),
+        "metrics": {key: metrics[key] for key in METRICS},
+        "optimizer_steps": scheduler.last_epoch,
+        "prompts": [p.index for p in prompts],
+    }
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    topo = init_distributed(1, 1, 120)
+    tokenizer = build_tokenizer()
+    hf_config = tiny_model_config(len(tokenizer), 32, 2, 4, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompt_ids, responses = fixed_rollout(len(tokenizer), tokenizer.eos_token_id)
+    examples = [PromptExample(ids, "fixed", "", index=i) for i, ids in enumerate(prompt_ids)]
+    engine = FixedEngine({tuple(p): r for p, r in zip(prompt_ids, responses)})
+    results = {mode: run_mode(mode, topo, tokenizer, hf_config, examples, engine) for mode in LOSS_AGG_MODES}
+    if topo.is_main:
+        torch.save({"world": topo.world_size, "modes": results}, out_path)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

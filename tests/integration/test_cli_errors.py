@@ -1,0 +1,112 @@
+"""User mistakes on the real command line: ``python -m spmd_rlhf.train`` (a world of one) and
+``torchrun`` with two ranks exit non-zero, quickly, naming the key, without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch import child_env, torchrun
+
+CLI_TIMEOUT = 180  # seconds; imports alone take several on a loaded machine
+PREFIX = "spmd_rlhf: configuration error:"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def train_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spmd_rlhf.train", f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+        env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT,
+    )
+
+
+def assert_config_error(proc: subprocess.CompletedProcess, key: str) -> None:
+    output = f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 2, output
+    assert PREFIX in proc.stderr and key in proc.stderr, output
+    assert "Traceback" not in proc.stderr, output
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 model and a character tokenizer with a chat template, saved like a HF download."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 +=?<>\n"
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_hf")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_negative_batch_size(tmp_path: Path) -> None:
+    proc = train_cli(tmp_path, "trainer.batch_size=-4")
+    assert_config_error(proc, "trainer.batch_size")
+
+
+def test_missing_model_dir(tmp_path: Path) -> None:
+    proc = train_cli(tmp_path, f"model.path={tmp_path / 'nope'}")
+    assert_config_error(proc, "model.path")
+
+
+def test_empty_dataset(tmp_path: Path, tiny_hf_dir: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = train_cli(tmp_path, f"model.path={tiny_hf_dir}", f"data.train_files=[{empty}]", "trainer.sft.steps=0")
+    assert_config_error(proc, "data.train_files")
+    assert "no usable rows" in proc.stderr
+
+
+def test_unknown_algorithm_option(tmp_path: Path) -> None:
+    proc = train_cli(tmp_path, "algorithm=nonexistent")
+    assert proc.returncode != 0, proc.stderr
+    assert "algorithm" in proc.stderr and "nonexistent" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def _torchrun_config_error(tmp_path: Path, key: str, *overrides: str) -> None:
+    start = time.monotonic()
+    proc = torchrun(["-m", "spmd_rlhf.train", f"hydra.run.dir={tmp_path / 'run'}", *overrides], nproc=2,
+                    timeout=120, cwd=tmp_path, check=False)
+    elapsed = time.monotonic() - start
+    output = f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    assert proc.returncode != 0, output
+    assert elapsed < 60, f"took {elapsed:.0f}s\n{output}"
+    # Rank 0 prints the message once and exits 2; the other rank exits non-zero too, or is ended
+    # by torchrun first. The only traceback is torchrun's own report, none from a rank.
+    assert "exitcode  : 2" in proc.stderr, output
+    messages = [line for line in proc.stderr.splitlines() if PREFIX in line]
+    assert len(messages) == 1 and key in messages[0], output
+    assert "spmd_rlhf/train.py" not in proc.stderr and "spmd_rlhf/config.py" not in proc.stderr, output
+
+
+@pytest.mark.slow
+def test_torchrun_tp_not_dividing_world(tmp_path: Path) -> None:
+    _torchrun_config_error(tmp_path, "distributed.tp", "distributed.tp=3")
+
+
+@pytest.mark.slow
+def test_torchrun_batch_not_divisible_by_world(tmp_path: Path) -> None:
+    _torchrun_config_error(tmp_path, "trainer.batch_size", "trainer.batch_size=3", "trainer.mini_batch_size=3")
