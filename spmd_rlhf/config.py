@@ -41,6 +41,7 @@ class ArithmeticTaskConfig:
     num_val: int = 256
     carry_drop_prob: float = 0.5
     seed: int = 0
+    style: str = "padded"  # padded ("07+48=", the embedded model) | chat (a question, for chat models)
 
 
 @dataclass
@@ -252,6 +253,7 @@ def _validate_choices(cfg: Config) -> None:
     _choice(cfg.algorithm.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
     _choice(cfg.algorithm.kl_estimator, "algorithm.kl_estimator", KL_ESTIMATORS)
     _choice(cfg.rollout.engine, "rollout.engine", ENGINES)
+    _choice(cfg.data.arithmetic.style, "data.arithmetic.style", ("padded", "chat"))
     _choice(cfg.rollout.weight_sync, "rollout.weight_sync", WEIGHT_SYNC)
     if cfg.rollout.engine == "vllm":
         raise ConfigError(

@@ -79,7 +79,8 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[PromptExample], list[PromptE
 
 def arithmetic_task(cfg: Config) -> AdditionTask:
     a = cfg.data.arithmetic
-    return AdditionTask(digits=a.digits, num_val=a.num_val, carry_drop_prob=a.carry_drop_prob, seed=a.seed)
+    return AdditionTask(digits=a.digits, num_val=a.num_val, carry_drop_prob=a.carry_drop_prob, seed=a.seed,
+                        style=a.style)
 
 
 def sft_demonstrations(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -61,13 +63,16 @@ class RolloutEngine(Protocol):
     """A generation engine hosting one tensor-parallel replica per tp group."""
 
     weight_version: int  # incremented by every load_weights
+    # True: ``load_weights`` takes whole tensors in HF naming (``full_tensor()``), not tp slices
+    wants_full_weights: bool
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:
         """Sample ``sampling.n`` completions for each of this rank's prompts."""
         ...
 
     def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
-        """Copy tensor-parallel slices (``reshard_stream`` with ``param_shard_dims``) in."""
+        """Copy tensor-parallel slices (``reshard_stream`` with ``param_shard_dims``) in, or
+        whole tensors when ``wants_full_weights``."""
         ...
 
     def sleep(self) -> None:
@@ -77,3 +82,18 @@ class RolloutEngine(Protocol):
     def wake(self) -> None:
         """Undo ``sleep``; weights must be (re)loaded if sleep dropped them."""
         ...
+
+
+def gather_tp_prompts(tp_mesh: DeviceMesh, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+    """Concatenate the prompt lists of a tp group (rank order); returns them and this rank's offset.
+
+    Every rank of one replica then submits the same requests, and keeps rows
+    ``[offset * n, (offset + len(prompts)) * n)`` of the result.
+    """
+    if tp_mesh.size() == 1:
+        return prompts, 0
+    gathered: list[list[list[int]] | None] = [None] * tp_mesh.size()
+    dist.all_gather_object(gathered, prompts, group=tp_mesh.get_group())
+    rank = tp_mesh.get_local_rank()
+    offset = sum(len(part) for part in gathered[:rank])
+    return [p for part in gathered for p in part], offset

