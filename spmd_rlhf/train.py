@@ -29,9 +29,8 @@ from .data.loader import PromptLoader
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
 from .models.build import build_models, build_reference
 from .models.load import eos_token_ids, load_tokenizer, model_config
-from .models.tp_plan import param_shard_dims, replicated_dims
 from .rewards.registry import RewardScorer
-from .rollout.build import build_engine
+from .rollout.build import build_engine, sync_shard_dims
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
 from .trainer.loop import Trainer
@@ -126,7 +125,7 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, logger: Me
     scheduler = build_scheduler(optimizer, t.warmup_steps, max(updates, t.warmup_steps), t.min_lr_ratio)
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
     engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
-    shard_dims = param_shard_dims(actor_model) if topo.tp > 1 else replicated_dims(actor_model)
+    shard_dims = sync_shard_dims(engine, actor_model, topo.tp)
     scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
     loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)
@@ -159,6 +158,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
     except (ValueError, OSError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     topo = init_distributed(cfg.distributed.dp_replicate, cfg.distributed.tp, cfg.distributed.timeout_s, env)
+    trainer = None
     try:
         run_dir = shared_run_dir(run_dir, topo)
         seed_everything(cfg.trainer.seed, topo.rank)
@@ -174,6 +174,8 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         logger.close()
         return results
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown()
 
 

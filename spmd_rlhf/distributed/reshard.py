@@ -19,7 +19,8 @@ own padding). Padding rows are cut where dim 0 is whole on every rank:
 
 Transfer is streamed in buckets: ``reshard_stream`` yields lists of ``(name, local_slice)``
 holding at most ``bucket_bytes`` of output (or one tensor, if larger), so peak extra memory is
-one bucket; the consumer copies the slices into the engine and drops them.
+one bucket; the consumer copies the slices into the engine and drops them. ``full_tensor_stream``
+is the fallback for engines that take whole tensors and slice them themselves.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def reshard_param(param: DTensor, shard_dim: int | None, mesh: DeviceMesh, dtype
     local = param.to_local().detach()
     if dtype is not None:
         local = local.to(dtype)
+    if mesh.size() == 1:  # one rank holds everything: no communication, no DTensor bookkeeping
+        return local
     shape = tuple(param.shape)
     rows = shape[0]
     dp_shard = mesh.size(1) * mesh.size(2)
@@ -108,6 +111,31 @@ def reshard_stream(
         piece = reshard_param(param, shard_dims[name], mesh, dtype)
         bucket.append((name, piece))
         size += piece.numel() * piece.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def full_tensor_stream(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    dtype: torch.dtype | None = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield buckets of ``(name, whole tensor)``: the generic fallback for engines that slice
+    for themselves (``load_weights`` of a vLLM model). One parameter is gathered at a time
+    (``DTensor.full_tensor()``, a collective over the training mesh: every rank must consume the
+    whole stream); a bucket holds at most ``bucket_bytes`` (or one tensor, if larger)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, param in named_params:
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        full = full.detach()
+        if dtype is not None:
+            full = full.to(dtype)
+        bucket.append((name, full))
+        size += full.numel() * full.element_size()
         if size >= bucket_bytes:
             yield bucket
             bucket, size = [], 0

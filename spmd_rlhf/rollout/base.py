@@ -26,6 +26,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

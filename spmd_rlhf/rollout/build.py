@@ -9,9 +9,23 @@ from ..config import Config, ConfigError
 from ..distributed.topology import Topology
 from .base import RolloutEngine
 
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-def engine_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+def engine_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """``auto``: bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def vllm_max_model_len(cfg: Config, hf_config: PretrainedConfig) -> int:
+    """``rollout.vllm.max_model_len``, or prompt + response budget capped by the model's positions."""
+    if cfg.rollout.vllm.max_model_len is not None:
+        return cfg.rollout.vllm.max_model_len
+    budget = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    return min(budget, limit) if limit else budget
 
 
 def build_engine(cfg: Config, topo: Topology, hf_config: PretrainedConfig, eos_ids: list[int],
@@ -23,4 +37,31 @@ def build_engine(cfg: Config, topo: Topology, hf_config: PretrainedConfig, eos_i
                              max_batch_size=cfg.rollout.max_batch_size)
         engine.dtype = engine_dtype(topo.device)
         return engine
+    if cfg.rollout.engine == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        v = cfg.rollout.vllm
+        return VLLMEngine(
+            hf_config, topo.gen_mesh, topo.device, engine_dtype(topo.device, v.dtype), eos_ids,
+            model_path=cfg.model.path, weight_sync=cfg.rollout.weight_sync, seed=cfg.rollout.seed,
+            max_model_len=vllm_max_model_len(cfg, hf_config), max_num_seqs=v.max_num_seqs,
+            max_num_batched_tokens=v.max_num_batched_tokens, enforce_eager=v.enforce_eager,
+            gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_gib=v.kv_cache_gib, sleep_level=v.sleep_level,
+            enable_prefix_caching=v.enable_prefix_caching, trust_remote_code=cfg.model.trust_remote_code,
+        )
     raise ConfigError(f"rollout.engine={cfg.rollout.engine!r} is not available; set rollout.engine=torch")
+
+
+def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module, tp: int) -> dict[str, int | None]:
+    """The per-parameter tensor-parallel plan the weight sync streams to ``engine``.
+
+    Empty when the engine takes whole tensors; every parameter whole at tp = 1; otherwise
+    ``param_shard_dims``, adjusted by the engine where it lays some tensors out differently.
+    """
+    from ..models.tp_plan import param_shard_dims, replicated_dims
+
+    if getattr(engine, "wants_full_weights", False):
+        return {}
+    dims = param_shard_dims(model) if tp > 1 else replicated_dims(model)
+    adjust = getattr(engine, "shard_dims", None)
+    return adjust(dims) if adjust is not None else dims

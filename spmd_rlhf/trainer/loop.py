@@ -9,16 +9,16 @@ Each rank keeps the ``n`` samples of its own prompts, so GRPO groups never strad
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..algorithms.advantages import broadcast_to_tokens, grpo_advantages
 from ..config import Config
-from ..data.batch import TokenBatch, collate
+from ..data.batch import TokenBatch, collate, response_tensor
 from ..data.datasets import PromptExample
 from ..data.loader import PromptLoader
-from ..distributed.reshard import reshard_stream
+from ..distributed.reshard import full_tensor_stream, reshard_stream
 from ..distributed.topology import Topology
 from ..rewards.registry import RewardScorer
 from ..rollout.base import RolloutEngine, SamplingConfig, Samples
@@ -35,6 +35,30 @@ class Rollout:
     samples: Samples
     batch: TokenBatch
     rewards: torch.Tensor  # [B]
+    metrics: dict[str, float] = field(default_factory=dict)  # engine/actor mismatch, filled by targets()
+
+
+def rollout_correction(old_BT: torch.Tensor, engine_BT: torch.Tensor, mask_BT: torch.Tensor,
+                       tis_cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Truncated importance sampling weights and the engine/actor logprob mismatch.
+
+    ``old_BT`` is the actor's log-prob of each sampled token (before the update), ``engine_BT``
+    the rollout engine's. Weights are ``min(exp(old - engine), tis_cap)`` at response tokens
+    (detached; None when ``tis_cap == 0``). Metrics: ``rollout/logprob_diff`` (mean |old - engine|
+    over sampled tokens), its max, and the mean weight when TIS is on.
+    """
+    mask = mask_BT.bool()
+    diff = (old_BT - engine_BT).abs()[mask]
+    metrics = {
+        "rollout/logprob_diff": float(diff.mean()) if diff.numel() else 0.0,
+        "rollout/logprob_diff/max": float(diff.max()) if diff.numel() else 0.0,
+    }
+    if tis_cap <= 0:
+        return None, metrics
+    log_ratio = torch.where(mask, old_BT - engine_BT, 0.0).clamp(max=20.0)
+    weights = torch.exp(log_ratio).clamp(max=tis_cap).masked_fill(~mask, 0.0).detach()
+    metrics["rollout/tis_weight"] = float(weights[mask].mean()) if mask.any() else 0.0
+    return weights, metrics
 
 
 class Trainer:
@@ -57,7 +81,8 @@ class Trainer:
     # --- phases -----------------------------------------------------------------------------
 
     def sync_weights(self) -> float:
-        """Reshard the actor into the engine; returns bytes received by this rank."""
+        """Reshard the actor into the engine (tp slices, or whole tensors for an engine that
+        ``wants_full_weights``); returns bytes received by this rank."""
         received = 0
 
         def counted(stream):
@@ -66,10 +91,12 @@ class Trainer:
                 received += sum(t.numel() * t.element_size() for _, t in bucket)
                 yield bucket
 
-        stream = reshard_stream(
-            self.actor.model.named_parameters(), self.shard_dims, self.topo.reshard_mesh,
-            self.cfg.rollout.bucket_mb * 2**20, dtype=getattr(self.engine, "dtype", None),
-        )
+        bucket_bytes, dtype = self.cfg.rollout.bucket_mb * 2**20, getattr(self.engine, "dtype", None)
+        params = self.actor.model.named_parameters()
+        if getattr(self.engine, "wants_full_weights", False):
+            stream = full_tensor_stream(params, bucket_bytes, dtype)
+        else:
+            stream = reshard_stream(params, self.shard_dims, self.topo.reshard_mesh, bucket_bytes, dtype)
         self.engine.load_weights(counted(stream))
         return float(received)
 
@@ -77,7 +104,7 @@ class Trainer:
         r = self.cfg.rollout
         seed = r.seed + 1_000_003 * step + 7919 * self.topo.gen_dp_rank
         return SamplingConfig(max_new_tokens=r.max_new_tokens, n=r.n, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, seed=seed)
+                              top_k=r.top_k, seed=seed, ignore_eos=r.ignore_eos)
 
     def generate(self, prompts: list[PromptExample], step: int) -> Rollout:
         sampling = self.sampling(step)
@@ -96,13 +123,17 @@ class Trainer:
         return metrics
 
     def targets(self, rollout: Rollout) -> PolicyTargets:
+        """Advantages, old/reference logprobs and (``algorithm.tis_cap > 0``) truncated
+        importance weights; records the engine/actor logprob mismatch in ``rollout.metrics``."""
         r, algo, micro = self.cfg.rollout, self.cfg.algorithm, self.cfg.trainer.micro_batch_size
         old = self.actor.logprobs(rollout.batch, micro, r.temperature)
         ref = None
         if self.reference is not None:
             ref = self.actor.logprobs(rollout.batch, micro, r.temperature, model=self.reference)
         adv_B = grpo_advantages(rollout.rewards.view(-1, r.n), algo.norm_adv_by_std).view(-1)
-        return PolicyTargets(broadcast_to_tokens(adv_B, rollout.batch.loss_mask_BT), old, ref)
+        engine_lp = response_tensor(rollout.samples.logprobs, rollout.batch, [len(e.prompt_ids) for e in rollout.examples])
+        is_weights, rollout.metrics = rollout_correction(old, engine_lp, rollout.batch.loss_mask_BT, algo.tis_cap)
+        return PolicyTargets(broadcast_to_tokens(adv_B, rollout.batch.loss_mask_BT), old, ref, is_weights)
 
     def update(self, rollout: Rollout, targets: PolicyTargets) -> dict[str, float]:
         cfg = self.cfg
@@ -141,7 +172,8 @@ class Trainer:
         targets = timed("reference", self.targets, rollout)
         update_metrics = timed("update", self.update, rollout, targets)
         timings["timing/step"] = time.perf_counter() - step_start
-        return {**self._rollout_metrics(rollout, received, timings), **reward_metrics, **update_metrics, **timings}
+        return {**self._rollout_metrics(rollout, received, timings), **rollout.metrics, **reward_metrics,
+                **update_metrics, **timings}
 
     def _rollout_metrics(self, rollout: Rollout, received: float, timings: dict[str, float]) -> dict[str, float]:
         lengths = torch.tensor([len(t) for t in rollout.samples.token_ids], dtype=torch.float32)
@@ -170,6 +202,12 @@ class Trainer:
         metrics = evaluate(self.engine, self.tokenizer, self.scorer, self.val_examples, sampling, self.topo)
         self.engine.sleep()
         return metrics
+
+    def close(self) -> None:
+        """Release the engine (vLLM must stop before the process group is destroyed)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def run(self) -> dict[str, dict[str, float]]:
         """Train ``trainer.total_steps`` steps; returns held-out metrics before and after."""

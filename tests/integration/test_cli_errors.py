@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -77,6 +78,13 @@ def test_empty_dataset(tmp_path: Path, tiny_hf_dir: Path) -> None:
     proc = train_cli(tmp_path, f"model.path={tiny_hf_dir}", f"data.train_files=[{empty}]", "trainer.sft.steps=0")
     assert_config_error(proc, "data.train_files")
     assert "no usable rows" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_engine_without_vllm(tmp_path: Path) -> None:
+    proc = train_cli(tmp_path, "rollout.engine=vllm")
+    assert_config_error(proc, "rollout.engine")
+    assert "pip install -e .[vllm]" in proc.stderr and "rollout.engine=torch" in proc.stderr
 
 
 def test_unknown_algorithm_option(tmp_path: Path) -> None:
