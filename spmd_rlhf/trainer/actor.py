@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..algorithms.kl import kl_penalty
@@ -75,6 +76,10 @@ class Actor:
             logits = token_logits(model, micro, temperature)
             lp = logprobs_from_logits(logits, micro.input_ids_BT[:, 1:])
             out[rows, : lp.shape[1]] = lp.cpu() * micro.loss_mask_BT.cpu()
+        if isinstance(model, FSDPModule):
+            # FSDP2 keeps the root's parameters gathered after a forward that no backward follows:
+            # free them (memory) and give the weight sync its sharded DTensors back.
+            model.reshard()
         return out
 
     def _micro_loss(self, micro: TokenBatch, targets: PolicyTargets, algo: AlgorithmConfig, temperature: float,
