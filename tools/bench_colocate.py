@@ -1,0 +1,306 @@
+"""Colocated vLLM figures: sleep memory, weight-sync speed, sync-path equality, rollout
+throughput against a stand-alone vLLM engine, and GRPO step time by phase.
+
+    torchrun --nproc-per-node 1 tools/bench_colocate.py --shape 1.5b --out bench.json
+    torchrun --nproc-per-node 2 tools/bench_colocate.py --shape 0.5b        # tp = world size
+
+Random-init Qwen2 models of the published shapes, bf16 engine, fp32 FSDP2 master weights. The
+stand-alone reference runs first, in a child process on the same GPU(s) with the same prompts,
+sampling settings and engine options, so both figures come from one run. The step-time part runs
+the trainer's own step on DESIGN's reference workload: prompts of exactly ``--prompt-len``
+tokens, completions of exactly ``--gen-len`` (EOS ignored), a random reward, one optimizer step
+per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+GiB = 1024**3
+SHAPES = {  # Qwen2.5 shapes
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def qwen2_config(shape: str):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0,
+                       eos_token_id=1, pad_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def gpu_used_gib() -> float:
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / GiB
+
+
+def say(*parts) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[bench]", *parts, flush=True)
+
+
+def timed(fn, *args):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args)
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+# --- stand-alone reference (child process) ------------------------------------------------------
+
+
+def standalone(args) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              seed=0, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              max_model_len=args.prompt_len + args.gen_len, enable_prefix_caching=True)
+    prompts = random_prompts(args.prompts, args.prompt_len, qwen2_config(args.shape).vocab_size, seed=1)
+    params = SamplingParams(n=1, temperature=1.0, max_tokens=args.gen_len, ignore_eos=True, logprobs=0,
+                            detokenize=False, seed=3)
+    requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(requests[:8], params, use_tqdm=False)  # warm-up
+    outputs, seconds = timed(llm.generate, requests, params)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print("STANDALONE " + json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}),
+          flush=True)
+
+
+def run_standalone(args, model_dir: str) -> dict:
+    """The reference engine in a child process (plain ``python``, not under torchrun)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--standalone", "--model-dir", model_dir, "--shape", args.shape,
+           "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + (["--enforce-eager"] if args.enforce_eager else [])
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "GROUP_WORLD_SIZE",
+                     "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith("STANDALONE "):
+            return json.loads(line[len("STANDALONE "):])
+    raise RuntimeError(f"stand-alone vLLM failed:\n{proc.stdout[-5000:]}")
+
+
+# --- colocated -----------------------------------------------------------------------------------
+
+
+def build(args, topo, hf_config, model_dir):
+    from spmd_rlhf.models.parallelize import parallelize
+    from spmd_rlhf.rollout.vllm_engine import VLLMEngine
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(topo.device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    actor = parallelize(model, topo.fsdp_mesh, topo.device, activation_checkpointing=True)
+    before = gpu_used_gib()
+    engine = VLLMEngine(hf_config, topo.gen_mesh, topo.device, torch.bfloat16, [hf_config.eos_token_id],
+                        model_path=model_dir, weight_sync="dtensor", seed=0,
+                        max_model_len=args.prompt_len + args.gen_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                        enforce_eager=args.enforce_eager, sleep_level=args.sleep_level)
+    engine_gib = gpu_used_gib() - before
+    return actor, engine, engine_gib
+
+
+def weight_bytes(actor) -> int:
+    return sum(p.numel() * 2 for p in actor.parameters())  # bf16 in the engine
+
+
+def sync(engine, actor, topo, path: str) -> float:
+    from spmd_rlhf.distributed.reshard import full_tensor_stream, reshard_stream
+    from spmd_rlhf.rollout.build import sync_shard_dims
+
+    engine.wants_full_weights = path == "full"
+    dims = sync_shard_dims(engine, actor, topo.tp)
+    if path == "full":
+        stream = full_tensor_stream(actor.named_parameters(), 256 * 2**20, dtype=torch.bfloat16)
+    else:
+        stream = reshard_stream(actor.named_parameters(), dims, topo.reshard_mesh, 256 * 2**20, dtype=torch.bfloat16)
+    _, seconds = timed(engine.load_weights, stream)
+    return seconds
+
+
+def sync_figures(args, topo, actor, engine, engine_gib) -> dict:
+    from spmd_rlhf.rollout import vllm_compat as compat
+
+    out: dict = {"engine_gib": engine_gib}
+    sync(engine, actor, topo, "dtensor")  # warm-up
+    out["used_awake_gib"] = gpu_used_gib()
+    _, out["sleep_s"] = timed(engine.sleep)
+    out["used_asleep_gib"] = gpu_used_gib()
+    out["freed_gib"] = out["used_awake_gib"] - out["used_asleep_gib"]
+    out["freed_fraction_of_engine"] = out["freed_gib"] / max(engine_gib, 1e-9)
+    _, out["wake_weights_s"] = timed(engine.wake)
+    out["sync_with_kv_wake_s"] = sync(engine, actor, topo, "dtensor")  # also wakes the KV cache
+    out["wake_plus_sync_s"] = out["wake_weights_s"] + out["sync_with_kv_wake_s"]
+    out["sync_dtensor_s"] = min(sync(engine, actor, topo, "dtensor") for _ in range(3))  # engine awake
+    gb = weight_bytes(actor) / 1e9
+    out["weights_gb"] = gb
+    out["sync_dtensor_ms_per_gb"] = 1e3 * out["sync_dtensor_s"] / gb
+    model = compat.driver_model(engine.llm)
+    dtensor_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["sync_full_s"] = sync(engine, actor, topo, "full")
+    identical = all(torch.equal(p, dtensor_weights[n]) for n, p in model.named_parameters())
+    flag = torch.tensor([int(identical)], device=topo.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    out["sync_paths_bit_identical"] = bool(flag.item())
+    del dtensor_weights
+    # vLLM's own load_weights of GPU-resident full tensors (the reference of DESIGN §7)
+    full = [(n, p.full_tensor().to(torch.bfloat16)) for n, p in actor.named_parameters()]
+    torch.cuda.synchronize()
+    out["vllm_load_weights_s"] = min(timed(model.load_weights, iter(full))[1] for _ in range(3))
+    out["vllm_load_weights_ms_per_gb"] = 1e3 * out["vllm_load_weights_s"] / gb
+    out["sync_vs_vllm_load_weights"] = out["sync_dtensor_s"] / out["vllm_load_weights_s"]
+    del full
+    engine.wants_full_weights = False
+    return out
+
+
+def throughput(args, engine, hf_config) -> dict:
+    from spmd_rlhf.rollout.base import SamplingConfig
+
+    prompts = random_prompts(args.prompts, args.prompt_len, hf_config.vocab_size, seed=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tp = engine.tp
+    replica, replicas = rank // tp, world // tp
+    share = prompts[replica::replicas]
+    mine = share[engine.tp_rank::tp]  # the engine gathers its tp group's prompts
+    sampling = SamplingConfig(max_new_tokens=args.gen_len, n=1, temperature=1.0, seed=3, ignore_eos=True)
+    engine.generate(mine[:2], sampling)  # warm-up
+    samples, seconds = timed(engine.generate, mine, sampling)
+    tokens = torch.tensor([sum(len(t) for t in samples.token_ids)], device=torch.device("cuda"))
+    dist.all_reduce(tokens)
+    return {"tokens": int(tokens.item()), "seconds": seconds, "tokens_per_s": tokens.item() / seconds}
+
+
+def step_times(args, topo, actor, engine, hf_config) -> dict:
+    """The trainer's own step on the reference workload."""
+    from spmd_rlhf.config import Config
+    from spmd_rlhf.data.datasets import PromptExample
+    from spmd_rlhf.data.loader import PromptLoader
+    from spmd_rlhf.models.build import build_reference
+    from spmd_rlhf.rewards.registry import RewardScorer
+    from spmd_rlhf.rollout.build import sync_shard_dims
+    from spmd_rlhf.trainer.actor import Actor
+    from spmd_rlhf.trainer.loop import Trainer
+    from spmd_rlhf.trainer.schedule import build_scheduler
+
+    cfg = Config()
+    cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.rollout.ignore_eos = args.n, args.gen_len, True
+    cfg.trainer.batch_size = cfg.trainer.mini_batch_size = args.train_prompts
+    cfg.trainer.micro_batch_size, cfg.trainer.lr = args.micro_batch, 1e-6
+    cfg.reward.custom_function = f"{os.path.abspath(__file__)}:random_reward"
+    prompts = random_prompts(args.train_prompts * 4, args.prompt_len, hf_config.vocab_size, seed=5)
+    examples = [PromptExample(p, "random", "0", {}, i) for i, p in enumerate(prompts)]
+    reference = build_reference(actor, hf_config, topo)
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=1e-6)
+    trainer_actor = Actor(actor, optimizer, build_scheduler(optimizer, 0, 100), topo.dp_size, 1.0, topo.device)
+    loader = PromptLoader(examples, args.train_prompts, topo.rank, topo.world_size, 0)
+    trainer = Trainer(cfg, topo, _NullTokenizer(), trainer_actor, reference, engine,
+                      sync_shard_dims(engine, actor, topo.tp), RewardScorer(cfg.reward.custom_function, 10.0),
+                      loader, [], logger=None)
+    records = []
+    for _ in range(args.steps):
+        metrics = trainer.train_step()
+        trainer.step += 1
+        records.append({k: v for k, v in metrics.items() if k.startswith(("timing/", "perf/", "rollout/"))})
+    last = records[-1]
+    tokens = args.train_prompts * args.n * (args.prompt_len + args.gen_len)
+    last["perf/tokens_per_s_per_gpu"] = tokens / last["timing/step"] / topo.world_size
+    return {"steps": records, "last": last}
+
+
+class _NullTokenizer:
+    pad_token_id = 1
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [""] * len(ids)
+
+
+def random_reward(data_source, solution_str, ground_truth, extra_info=None) -> float:
+    return random.random()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
+    parser.add_argument("--prompts", type=int, default=512, help="throughput prompts")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=512)
+    parser.add_argument("--train-prompts", type=int, default=64)
+    parser.add_argument("--samples-per-prompt", dest="n", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--sleep-level", type=int, default=2)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: standalone,throughput,steps")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--standalone", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.standalone:
+        return standalone(args)
+
+    from spmd_rlhf.distributed.topology import init_distributed
+
+    skip = set(filter(None, args.skip.split(",")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    hf_config = qwen2_config(args.shape)
+    model_dir = tempfile.mkdtemp(prefix="bench_qwen2_")
+    hf_config.save_pretrained(model_dir)
+    result: dict = {"shape": args.shape, "world_size": world, "device": torch.cuda.get_device_name(),
+                    "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    if "standalone" not in skip and world == 1 and "throughput" not in skip:
+        say("stand-alone vLLM ...")
+        result["standalone"] = run_standalone(args, model_dir)
+        say("stand-alone", result["standalone"])
+    topo = init_distributed(1, world, 1800)
+    actor, engine, engine_gib = build(args, topo, hf_config, model_dir)
+    say("built actor and engine; engine GiB", engine_gib)
+    result["sync"] = sync_figures(args, topo, actor, engine, engine_gib)
+    say("sync", result["sync"])
+    if "throughput" not in skip:
+        result["colocated"] = throughput(args, engine, hf_config)
+        say("colocated", result["colocated"])
+        if "standalone" in result:
+            result["rollout_vs_standalone"] = result["colocated"]["tokens_per_s"] / result["standalone"]["tokens_per_s"]
+    engine.sleep()
+    if "steps" not in skip:
+        result["step"] = step_times(args, topo, actor, engine, hf_config)
+    if topo.is_main:
+        text = json.dumps(result, indent=1, default=str)
+        print("BENCH " + text, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
