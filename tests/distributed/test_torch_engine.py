@@ -201,3 +201,28 @@ def test_tp2_matches_tp1_across_ranks(tmp_path):
     expected = [f"{arch}:{check}" for arch, _, _ in ARCHS for check in checks]
     for rank in range(2):
         assert json.loads((tmp_path / f"result.rank{rank}.json").read_text()) == expected
+
+
+def test_sync_after_a_no_grad_actor_forward_sees_sharded_weights(topology):
+    """FSDP2 leaves the root's parameters gathered after a forward with no backward; the actor
+    must reshard so the next weight sync still streams DTensors (found on GPU, guarded here)."""
+    from torch.distributed.tensor import DTensor
+
+    from spmd_rlhf.data.batch import collate
+    from spmd_rlhf.distributed.reshard import reshard_stream
+    from spmd_rlhf.models.parallelize import parallelize
+    from spmd_rlhf.models.tp_plan import replicated_dims
+    from spmd_rlhf.trainer.actor import Actor
+
+    model = tiny_model(tiny_config("qwen2", vocab=37, tied=True), seed=3)
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    actor_model = parallelize(model, topology.fsdp_mesh, torch.device("cpu"))
+    actor = Actor(actor_model, None, None, 1, 1.0, torch.device("cpu"))
+    batch = collate([[3, 4, 5], [6, 7]], [[8, 9], [10, 11, 12]], 0)
+    actor.logprobs(batch, micro_batch_size=1, temperature=1.0)
+    assert all(isinstance(p, DTensor) for p in actor_model.parameters())
+    engine = make_engine(topology, tiny_model(tiny_config("qwen2", vocab=37, tied=True), seed=4), [1])
+    engine.load_weights(reshard_stream(actor_model.named_parameters(), replicated_dims(actor_model),
+                                       topology.reshard_mesh, 2**20))
+    for name, param in engine.model.named_parameters():
+        assert torch.equal(param, full[name]), name
