@@ -33,7 +33,7 @@ class ModelConfig:
     tokenizer_path: str | None = None  # defaults to model.path
     hidden_size: int = 64  # embedded model only
     num_layers: int = 2
-    num_heads: int = 4
+    num_heads: int = 2
     activation_checkpointing: bool = False
     trust_remote_code: bool = False
 
