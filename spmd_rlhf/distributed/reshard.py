@@ -96,6 +96,21 @@ def reshard_param(param: DTensor, shard_dim: int | None, mesh: DeviceMesh, dtype
     return middle.redistribute(mesh, [Replicate(), Replicate(), Shard(0)]).to_local()
 
 
+def buckets(pieces: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``(name, tensor)`` pieces into lists of at least ``bucket_bytes`` (the last may be
+    smaller); pieces are produced lazily, so only one bucket is alive at a time."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, piece in pieces:
+        bucket.append((name, piece))
+        size += piece.numel() * piece.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
 def reshard_stream(
     named_params: Iterable[tuple[str, DTensor]],
     shard_dims: dict[str, int | None],
@@ -104,18 +119,13 @@ def reshard_stream(
     dtype: torch.dtype | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets of ``(name, tp_slice)``; every rank must consume the whole stream."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, param in named_params:
-        assert name in shard_dims, f"no tensor-parallel placement planned for {name}"
-        piece = reshard_param(param, shard_dims[name], mesh, dtype)
-        bucket.append((name, piece))
-        size += piece.numel() * piece.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
+
+    def pieces():
+        for name, param in named_params:
+            assert name in shard_dims, f"no tensor-parallel placement planned for {name}"
+            yield name, reshard_param(param, shard_dims[name], mesh, dtype)
+
+    return buckets(pieces(), bucket_bytes)
 
 
 def full_tensor_stream(
@@ -127,17 +137,10 @@ def full_tensor_stream(
     for themselves (``load_weights`` of a vLLM model). One parameter is gathered at a time
     (``DTensor.full_tensor()``, a collective over the training mesh: every rank must consume the
     whole stream); a bucket holds at most ``bucket_bytes`` (or one tensor, if larger)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, param in named_params:
-        full = param.full_tensor() if isinstance(param, DTensor) else param
-        full = full.detach()
-        if dtype is not None:
-            full = full.to(dtype)
-        bucket.append((name, full))
-        size += full.numel() * full.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
+
+    def pieces():
+        for name, param in named_params:
+            full = (param.full_tensor() if isinstance(param, DTensor) else param).detach()
+            yield name, full if dtype is None else full.to(dtype)
+
+    return buckets(pieces(), bucket_bytes)
