@@ -177,6 +177,25 @@ def _repack_kept_weights(model: torch.nn.Module) -> None:
             method.process_weights_after_loading(module)
 
 
+@contextlib.contextmanager
+def vllm_allocator(device_type: str) -> Iterator[None]:
+    """[GPU] Expandable segments off while vLLM allocates, sleeps or wakes, restored afterwards.
+
+    vLLM's sleep mode allocates weights and KV cache through its own CuMem pool; with PyTorch's
+    ``expandable_segments:True`` (a common setting for FSDP training) that pool's memory is not
+    returned on sleep, so sleep frees nothing. Training keeps the user's setting outside engine
+    calls."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if device_type != "cuda" or "expandable_segments:True" not in conf:
+        yield
+        return
+    torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+    try:
+        yield
+    finally:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
 def reset_prefix_cache(llm) -> None:
     llm.reset_prefix_cache()
 
@@ -187,12 +206,14 @@ def sleep(llm, level: int) -> None:
     checkpoint holds (rotary cos/sin caches): the GPU worker saves the model's named buffers to
     the host before a level-2 sleep and restores them on ``wake_up(["weights"])`` (read in
     0.32's source; to be confirmed on 0.24-0.26, where the sync would not repair them)."""
-    llm.sleep(level=level)
+    with vllm_allocator("cuda"):
+        llm.sleep(level=level)
 
 
 def wake_up(llm, tags: list[str]) -> None:
     """[GPU] ``tags`` from ``("weights", "kv_cache")``."""
-    llm.wake_up(tags=tags)
+    with vllm_allocator("cuda"):
+        llm.wake_up(tags=tags)
 
 
 def shutdown(llm) -> None:

@@ -293,7 +293,8 @@ class VLLMEngine:
             **compat.engine_kwargs(self.device.type, kv_cache_gib=kv_cache_gib,
                                    gpu_memory_utilization=gpu_memory_utilization, sleep_mode=self.sleep_enabled),
         )
-        with _preserved_rng(), compat.quiet_start():  # in-process vLLM seeds the global RNGs with its seed
+        with _preserved_rng(), compat.quiet_start(), compat.vllm_allocator(self.device.type):
+            # (in-process vLLM seeds the global RNGs with its seed; _preserved_rng undoes that)
             self.llm = LLM(**{k: v for k, v in options.items() if v is not None})
         if not compat.supports_logprobs_mode() and dist.get_rank() == 0:
             log.warning("this vLLM has no logprobs_mode: its logprobs are log_softmax(logits), without the "
@@ -447,7 +448,8 @@ class VLLMEngine:
         n = sampling.n
         requests = [self._TokensPrompt(prompt_token_ids=p) for p in prompts for _ in range(n)]
         params = [self._params(sampling, row) for row in range(len(requests))]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with compat.vllm_allocator(self.device.type):
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         mine = outputs[offset * n:(offset + len(prompt_token_ids)) * n]
         samples = Samples([], [], [])
         for output in mine:
