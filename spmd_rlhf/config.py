@@ -138,6 +138,7 @@ class TrainerConfig:
     seed: int = 0
     save_every: int = 0  # 0 = never
     resume: str = "never"  # auto | never | PATH
+    offload_actor_during_rollout: bool = False  # CUDA: actor + optimizer state in host memory while generating
     eval_before: bool = True
     eval_after: bool = True
     sft: SFTWarmupConfig = field(default_factory=SFTWarmupConfig)

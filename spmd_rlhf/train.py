@@ -35,6 +35,7 @@ from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
 from .trainer.loop import Trainer
 from .trainer.metrics import MetricsLogger
+from .trainer.offload import ActorOffload
 from .trainer.schedule import build_scheduler
 from .trainer.sft import sft_warm_start
 
@@ -124,7 +125,8 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, logger: Me
     updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
     scheduler = build_scheduler(optimizer, t.warmup_steps, max(updates, t.warmup_steps), t.min_lr_ratio)
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
-    engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
+    with ActorOffload(actor_model, optimizer, topo.device, t.offload_actor_during_rollout):  # vLLM sizes its KV
+        engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
     shard_dims = sync_shard_dims(engine, actor_model, topo.tp)
     scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
     loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,

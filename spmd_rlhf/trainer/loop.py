@@ -25,6 +25,7 @@ from ..rollout.base import RolloutEngine, SamplingConfig, Samples
 from .actor import Actor, PolicyTargets
 from .evaluate import evaluate
 from .metrics import MetricsLogger
+from .offload import ActorOffload
 
 
 @dataclass
@@ -166,8 +167,9 @@ class Trainer:
         prompts = self.loader.next()
         self.engine.wake()
         received = timed("reshard", self.sync_weights)
-        rollout = timed("generate", self.generate, prompts, self.step)
-        self.engine.sleep()
+        with self.actor_offloaded():  # the KV cache wakes inside generate, into the room left
+            rollout = timed("generate", self.generate, prompts, self.step)
+            self.engine.sleep()
         reward_metrics = timed("reward", self.score, rollout)
         targets = timed("reference", self.targets, rollout)
         update_metrics = timed("update", self.update, rollout, targets)
@@ -199,9 +201,15 @@ class Trainer:
         sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, n=1, temperature=r.val_temperature,
                                   top_p=r.top_p if r.val_temperature > 0 else 1.0,
                                   top_k=r.top_k if r.val_temperature > 0 else 0, seed=r.seed + 17)
-        metrics = evaluate(self.engine, self.tokenizer, self.scorer, self.val_examples, sampling, self.topo)
-        self.engine.sleep()
+        with self.actor_offloaded():
+            metrics = evaluate(self.engine, self.tokenizer, self.scorer, self.val_examples, sampling, self.topo)
+            self.engine.sleep()
         return metrics
+
+    def actor_offloaded(self) -> ActorOffload:
+        """Actor and optimizer state in host memory for the block, if configured (CUDA)."""
+        return ActorOffload(self.actor.model, self.actor.optimizer, self.topo.device,
+                            self.cfg.trainer.offload_actor_during_rollout)
 
     def close(self) -> None:
         """Release the engine (vLLM must stop before the process group is destroyed)."""

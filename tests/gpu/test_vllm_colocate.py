@@ -48,3 +48,8 @@ def test_sleep_level_2_generates_what_level_1_generates(report):
     assert report["level2_logprob_max_diff"] < 1e-3
     free_awake, free_asleep = report["free_gib_awake_vs_asleep"]
     assert free_asleep > free_awake, "sleep must free memory"
+
+
+def test_actor_offload_frees_memory_and_restores_weights(report):
+    assert report["offload_freed_mib"] > 1.0, report
+    assert report["offload_tokens_equal"] and report["offload_weights_restored"], report

@@ -122,6 +122,21 @@ def main(out_path: str) -> None:
     report["level2_logprob_max_diff"] = max(
         (abs(a - b) for x, y in zip(level1.logprobs, level2.logprobs) for a, b in zip(x, y)), default=0.0)
     report["free_gib_awake_vs_asleep"] = [free_awake / 2**30, free_asleep / 2**30]
+    # actor shards in host memory while generating: memory freed, weights back intact, same tokens
+    from spmd_rlhf.trainer.offload import ActorOffload
+
+    weights = {n: p.full_tensor().clone() for n, p in actor.named_parameters()}
+    engine.wake()
+    sync(engine, actor, topo, "dtensor")
+    free_before, _ = torch.cuda.mem_get_info()
+    with ActorOffload(actor, None, device, enabled=True):
+        free_offloaded, _ = torch.cuda.mem_get_info()
+        offloaded = engine.generate(prompts, greedy)
+        engine.sleep()
+    report["offload_freed_mib"] = (free_offloaded - free_before) / 2**20
+    report["offload_tokens_equal"] = offloaded.token_ids == level1.token_ids
+    report["offload_weights_restored"] = all(
+        p.device.type == "cuda" and torch.equal(p.full_tensor(), weights[n]) for n, p in actor.named_parameters())
     with open(out_path, "w") as f:
         json.dump(report, f)
     shutdown()
