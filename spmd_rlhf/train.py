@@ -109,7 +109,8 @@ def shared_run_dir(run_dir: str, topo: Topology) -> str:
     return box[0]
 
 
-def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, logger: MetricsLogger) -> Trainer:
+def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: RewardScorer,
+                  logger: MetricsLogger) -> Trainer:
     hf_config = model_config(cfg, tokenizer)
     actor_model = build_models(cfg, topo, hf_config).actor
     if cfg.trainer.sft.steps > 0:
@@ -128,7 +129,6 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, logger: Me
     with ActorOffload(actor_model, optimizer, topo.device, t.offload_actor_during_rollout):  # vLLM sizes its KV
         engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
     shard_dims = sync_shard_dims(engine, actor_model, topo.tp)
-    scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
     loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)
     return Trainer(cfg, topo, tokenizer, actor, reference, engine, shard_dims, scorer, loader, val, logger)
@@ -153,7 +153,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         validate(cfg, env.world_size)
         tokenizer = load_tokenizer(cfg)
         train, val = load_data(cfg, tokenizer)
-        RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
+        scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
         if len(train) < cfg.trainer.batch_size:
             raise ConfigError(f"only {len(train)} usable training prompts, fewer than trainer.batch_size="
                               f"{cfg.trainer.batch_size}; lower trainer.batch_size or add data")
@@ -170,7 +170,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         logger.write(f"spmd_rlhf: world {topo.world_size} ({topo.backend}), train mesh {tuple(topo.train_mesh.shape)},"
                      f" generation mesh {tuple(topo.gen_mesh.shape)}, {len(train)} train / {len(val)} held-out prompts,"
                      f" run dir {run_dir}")
-        trainer = build_trainer(cfg, topo, tokenizer, train, val, logger)
+        trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger)
         results = trainer.run()
         report(results, logger)
         logger.close()

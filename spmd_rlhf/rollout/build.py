@@ -33,10 +33,8 @@ def build_engine(cfg: Config, topo: Topology, hf_config: PretrainedConfig, eos_i
     if cfg.rollout.engine == "torch":
         from .torch_engine import TorchEngine
 
-        engine = TorchEngine(hf_config, topo.gen_mesh, topo.device, engine_dtype(topo.device), eos_ids, pad_id,
-                             max_batch_size=cfg.rollout.max_batch_size)
-        engine.dtype = engine_dtype(topo.device)
-        return engine
+        return TorchEngine(hf_config, topo.gen_mesh, topo.device, engine_dtype(topo.device), eos_ids, pad_id,
+                           max_batch_size=cfg.rollout.max_batch_size)
     if cfg.rollout.engine == "vllm":
         from .vllm_engine import VLLMEngine
 

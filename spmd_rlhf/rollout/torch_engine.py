@@ -104,6 +104,7 @@ class TorchEngine:
         if max_batch_size < 1:
             raise ValueError(f"rollout.max_batch_size must be >= 1, got {max_batch_size}")
         self.device = torch.device(device)
+        self.dtype = dtype  # the weight sync converts to it before sending
         self.tp_mesh = gen_mesh["tp"]
         self.tp_group = self.tp_mesh.get_group()
         self.eos_ids = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)

@@ -13,7 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from spmd_rlhf.models.parallelize import parallelize
 from torch.distributed.tensor import DTensor
 
 from spmd_rlhf.distributed.reshard import reshard_stream, tp_chunk
@@ -28,11 +28,8 @@ SAMPLED = SamplingConfig(max_new_tokens=10, n=2, temperature=0.9, top_k=20, top_
 
 
 def make_actor(full: torch.nn.Module, topo: Topology) -> torch.nn.Module:
-    actor = copy.deepcopy(full)
-    for layer in actor.model.layers:
-        fully_shard(layer, mesh=topo.fsdp_mesh)
-    fully_shard(actor, mesh=topo.fsdp_mesh)
-    return actor
+    """The trainer's own FSDP2 layout, on a copy of ``full``."""
+    return parallelize(copy.deepcopy(full), topo.fsdp_mesh, torch.device("cpu"))
 
 
 def make_engine(config, topo: Topology, actor, eos: list[int]) -> TorchEngine:

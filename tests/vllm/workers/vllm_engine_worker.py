@@ -26,7 +26,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from spmd_rlhf.models.parallelize import parallelize
 from transformers import Qwen2Config
 
 from spmd_rlhf.data.batch import collate, response_tensor
@@ -53,11 +53,8 @@ def config() -> Qwen2Config:
 
 
 def make_actor(full: torch.nn.Module, topo: Topology) -> torch.nn.Module:
-    actor = copy.deepcopy(full)
-    for layer in actor.model.layers:
-        fully_shard(layer, mesh=topo.fsdp_mesh)
-    fully_shard(actor, mesh=topo.fsdp_mesh)
-    return actor
+    """The trainer's own FSDP2 layout, on a copy of ``full``."""
+    return parallelize(copy.deepcopy(full), topo.fsdp_mesh, torch.device("cpu"))
 
 
 def gather_tp(samples: Samples, topo: Topology) -> Samples:
