@@ -1,10 +1,10 @@
-"""KL estimators against hand-computed values."""
+"""KL estimators, the KL-in-reward penalty and its controllers against hand-computed values."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from spmd_rlhf.algorithms.kl import kl_penalty
+from spmd_rlhf.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty, kl_reward_penalty
 
 LN2 = 0.6931471805599453
 
@@ -56,3 +56,67 @@ def test_k3_nonnegative_on_random():
 def test_unknown_estimator():
     with pytest.raises(ValueError, match="algorithm.kl_estimator"):
         kl_penalty(LOGP, REF, "abs")
+
+
+# ---------------------------------------------------------------- KL in the reward
+
+
+def test_kl_reward_penalty():
+    # coef 0.1, mask [[1,1,1],[1,1,0]]:
+    #   row 0: r [0, 0, 1],  kl [0.5, -0.5, 1]  -> [-0.05, 0.05, 1 - 0.1] = [-0.05, 0.05, 0.9]
+    #   row 1: r [0, 2, pad], kl [0.25, 0.5, pad] -> [-0.025, 2 - 0.05, 0] = [-0.025, 1.95, 0]
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    expected = torch.tensor([[-0.05, 0.05, 0.9], [-0.025, 1.95, 0.0]])
+    for fill in (float("nan"), float("inf"), 1e6):
+        rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, fill]])
+        kl = torch.tensor([[0.5, -0.5, 1.0], [0.25, 0.5, fill]], requires_grad=True)
+        out = kl_reward_penalty(rewards, kl, mask, 0.1)
+        assert_close(out, expected, rtol=0, atol=1e-6)
+        assert not out.requires_grad
+
+
+# ---------------------------------------------------------------- coefficient controllers
+
+
+def test_fixed_controller():
+    ctl = FixedKLController(0.05)
+    ctl.update(current_kl=10.0, n_steps=1000)
+    assert ctl.value == 0.05
+    assert ctl.state_dict() == {"value": 0.05}
+
+
+def test_adaptive_controller_by_hand():
+    # init 0.5, target 1, horizon 100
+    #   kl 1.1, n 10:  error clip(0.1)  = 0.1  -> x (1 + 0.1 * 10/100) = 1.01  -> 0.505
+    #   kl 3.0, n 50:  error clip(2.0)  = 0.2  -> x (1 + 0.2 * 50/100) = 1.1   -> 0.5555
+    #   kl 0.0, n 100: error clip(-1.0) = -0.2 -> x (1 - 0.2)          = 0.8   -> 0.4444
+    #   kl 0.9, n 20:  error clip(-0.1) = -0.1 -> x (1 - 0.1 * 20/100) = 0.98  -> 0.435512
+    ctl = AdaptiveKLController(init_coef=0.5, target=1.0, horizon=100)
+    assert ctl.value == 0.5
+    for (kl, n), want in zip([(1.1, 10), (3.0, 50), (0.0, 100), (0.9, 20)], [0.505, 0.5555, 0.4444, 0.435512]):
+        ctl.update(kl, n)
+        assert ctl.value == pytest.approx(want, rel=0, abs=1e-12)
+        assert isinstance(ctl.value, float)
+
+
+def test_adaptive_controller_checkpoint_round_trip():
+    ctl = AdaptiveKLController(0.5, 1.0, 100)
+    ctl.update(3.0, 50)  # 0.55
+    state = ctl.state_dict()
+    assert all(type(v) is float for v in state.values())
+    resumed = AdaptiveKLController(0.5, 1.0, 100)
+    resumed.load_state_dict(state)
+    assert resumed.value == ctl.value
+    ctl.update(0.0, 100)
+    resumed.update(0.0, 100)
+    assert resumed.value == ctl.value == pytest.approx(0.44, rel=0, abs=1e-12)  # 0.55 * 0.8
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(init_coef=0.1, target=0.0, horizon=100), "algorithm.kl_in_reward.target"),
+    (dict(init_coef=0.1, target=1.0, horizon=0), "algorithm.kl_in_reward.horizon"),
+    (dict(init_coef=-0.1, target=1.0, horizon=100), "algorithm.kl_in_reward.coef"),
+])
+def test_adaptive_controller_rejects_bad_settings(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        AdaptiveKLController(**kwargs)
