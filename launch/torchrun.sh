@@ -1,14 +1,37 @@
 #!/usr/bin/env bash
-# Launch spmd_rlhf with torchrun on one node, or on several with a rendezvous endpoint.
-#   launch/torchrun.sh [ARGS...]                         # one node, all its GPUs (or NPROC CPU ranks)
-#   NNODES=4 NODE_RANK=$i RDZV_ENDPOINT=host0:29500 launch/torchrun.sh recipe=grpo_gsm8k model.path=...
+# Launch spmd_rlhf with torchrun: one node, or several (the same command on every node).
+#   launch/torchrun.sh [OVERRIDES...]                 # one node (--standalone), all its GPUs (or NPROC CPU ranks)
+#   NNODES=4 RDZV_ENDPOINT=host0:29500 launch/torchrun.sh recipe=grpo_gsm8k model.path=...   # c10d rendezvous
+#   NNODES=4 NODE_RANK=$i MASTER_ADDR=host0 launch/torchrun.sh ...                          # static ranks
+# Environment (all optional): NPROC (ranks per node; default: GPUs, or 2 on CPU), NNODES, RDZV_ENDPOINT,
+# RDZV_ID (default spmd_rlhf: the same on every node), RDZV_BACKEND (c10d), NODE_RANK, MASTER_ADDR,
+# MASTER_PORT (29500), PYTHON (python3), DRY_RUN=1 (print the command instead of running it).
+# Everything after the script name goes to `python -m spmd_rlhf.train` (Hydra overrides).
 set -euo pipefail
-NPROC=${NPROC:-$(python3 -c 'import torch; print(torch.cuda.device_count() or 2)')}
+PYTHON=${PYTHON:-python3}
+NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
 NNODES=${NNODES:-1}
-if [ "$NNODES" -gt 1 ]; then
-  : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the first node}"
-  exec python3 -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
-    --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-spmd_rlhf}" \
-    -m spmd_rlhf.train "$@"
+
+launcher=(--nproc-per-node "$NPROC")
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  launcher+=(--nnodes "$NNODES" --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "$RDZV_ENDPOINT"
+             --rdzv-id "${RDZV_ID:-spmd_rlhf}")
+elif [ "$NNODES" -gt 1 ]; then
+  if [ -z "${MASTER_ADDR:-}" ] || [ -z "${NODE_RANK:-}" ]; then
+    echo "torchrun.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port (rendezvous), or MASTER_ADDR=<first node>" \
+         "and NODE_RANK=<0..$((NNODES - 1))> on every node" >&2
+    exit 2
+  fi
+  launcher+=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
+             --master-port "${MASTER_PORT:-29500}")
+else
+  launcher+=(--standalone)
 fi
-exec python3 -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m spmd_rlhf.train "$@"
+
+cmd=("$PYTHON" -m torch.distributed.run "${launcher[@]}" -m spmd_rlhf.train "$@")
+if [ -n "${DRY_RUN:-}" ]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+exec "${cmd[@]}"

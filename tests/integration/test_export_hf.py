@@ -1,0 +1,103 @@
+"""``tools/export_hf.py``: a checkpoint becomes a HF directory that transformers loads as it was saved."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
+from spmd_rlhf.trainer.checkpoint import CheckpointError, CheckpointManager, ModelOptimizerState, RNGState
+from tests.launch import REPO_ROOT, child_env
+
+TOOL = REPO_ROOT / "tools" / "export_hf.py"
+PROMPTS = ["07+48=", "99+01=055"]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("export_hf", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A trained-looking tiny Qwen2 (tied embeddings) with its optimizer, saved with config and tokenizer."""
+    tokenizer = build_tokenizer()
+    config = tiny_model_config(len(tokenizer), 64, 2, 2, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert config.tie_word_embeddings
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)  # away from the init, biases included
+    optimizer = torch.optim.AdamW(model.parameters())
+    directory = tmp_path_factory.mktemp("ckpt")
+    path = CheckpointManager(directory, keep_last=1).save(
+        3, {"actor": ModelOptimizerState(model, optimizer), "rng": RNGState()}, hf_config=config, tokenizer=tokenizer)
+    return path, model, tokenizer
+
+
+def logits(model, tokenizer, texts):
+    ids = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits
+
+
+def test_cli_export_loads_with_identical_logits_and_tokenizer(checkpoint, tmp_path):
+    path, original, tokenizer = checkpoint
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(TOOL), path, str(out)], env=child_env(), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    exported, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # lm_head comes from the tie
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(out)
+    for text in PROMPTS:
+        assert loaded_tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert loaded_tokenizer.decode(tokenizer("12+34=046").input_ids) == "12+34=046"
+    assert (loaded_tokenizer.pad_token, loaded_tokenizer.eos_token) == ("<pad>", "<eos>")
+    torch.testing.assert_close(logits(exported.eval(), loaded_tokenizer, PROMPTS), logits(original, tokenizer, PROMPTS),
+                               rtol=0, atol=0)
+
+
+def test_export_in_bfloat16(checkpoint, tmp_path):
+    path, original, _ = checkpoint
+    load_tool().export_hf(path, str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    torch.testing.assert_close(exported.model.norm.weight, original.model.norm.weight.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_export_takes_a_checkpoint_directory(checkpoint, tmp_path):
+    path, original, _ = checkpoint
+    load_tool().export_hf(os.path.dirname(path), str(tmp_path / "hf"))  # the step `latest` names
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(exported.state_dict(), original.state_dict(), rtol=0, atol=0)
+
+
+def test_export_without_hf_config_names_the_missing_file(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    path = CheckpointManager(tmp_path / "ckpt", keep_last=1).save(1, {"actor": ModelOptimizerState(model)})
+    with pytest.raises(CheckpointError, match=r"hf/config\.json is missing"):
+        load_tool().export_hf(path, str(tmp_path / "out"))
+    proc = subprocess.run([sys.executable, str(TOOL), path, str(tmp_path / "out")], env=child_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "hf/config.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_of_a_missing_component(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    with pytest.raises(CheckpointError, match="no component 'critic'"):
+        load_tool().export_hf(path, str(tmp_path / "out"), component="critic")
