@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING  # noqa: F401  (re-exported for recipes that want required keys)
 
-ALGORITHMS = ("grpo",)
+ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "gspo", "ppo",
+              "dual_clip_ppo")
+ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "gae")
+POLICY_LOSSES = ("ppo", "gspo")
+KL_CONTROLLERS = ("fixed", "adaptive")
 ENGINES = ("torch", "vllm")
 VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 WEIGHT_SYNC = ("dtensor", "full")
 
@@ -62,10 +66,22 @@ class DataConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """A frozen ``AutoModelForSequenceClassification`` scoring prompt + response (``reward.model.*``)."""
+
+    path: str | None = None  # HF directory; null = no reward model
+    weight: float = 1.0  # reward = rule_weight * rule score + weight * model score
+    dtype: str = "float32"  # float32 | bfloat16
+    micro_batch_size: int = 64  # sequences per forward, per rank
+
+
+@dataclass
 class RewardConfig:
     custom_function: str | None = None  # "package.module:function" or "file.py:function"
     timeout_s: float = 10.0
     default_source: str | None = None
+    rule_weight: float = 1.0  # weight of the rule/function score in the training reward
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
 
 @dataclass
@@ -101,18 +117,90 @@ class RolloutConfig:
 
 
 @dataclass
+class KLRewardConfig:
+    """KL to the reference subtracted from the per-token reward (InstructGPT), ``algorithm.kl_in_reward.*``."""
+
+    enable: bool = False
+    coef: float = 0.001  # initial coefficient
+    estimator: str = "k1"
+    controller: str = "fixed"  # fixed | adaptive (Ziegler et al., 2019)
+    target: float = 0.1  # adaptive: KL the controller steers toward
+    horizon: int = 10000  # adaptive: samples over which the coefficient adapts
+
+
+@dataclass
+class KLGuardConfig:
+    """Skip the update when the policy has drifted too far from the reference (``algorithm.kl_guard.*``)."""
+
+    max_kl: float = 0.0  # mean per-token KL (k3) to the reference above which the step's update is skipped; 0 = off
+    lr_decay: float = 0.5  # the learning rate is multiplied by this after each skipped step
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (``algorithm.dynamic_sampling.*``): drop groups whose rewards are all
+    equal and generate more prompts until every rank has its share of informative groups."""
+
+    enable: bool = False
+    max_rounds: int = 4  # generation rounds per step at most (the first included); then fill with dropped groups
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment (``algorithm.overlong.*``)."""
+
+    buffer_len: int = 0  # responses longer than max_new_tokens - buffer_len are penalised; 0 = off
+    penalty_factor: float = 1.0
+
+
+@dataclass
+class FilterConfig:
+    """Optional filter/replay stage (``algorithm.filter.*``), PF-PPO style."""
+
+    min_reward_std: float = -1.0  # groups whose reward std is <= this get no loss; < 0 = off
+    replay_capacity: int = 0  # groups kept per rank; 0 = no replay
+    replay_fraction: float = 0.0  # share of each batch's groups replaced by replayed groups (filtered ones first)
+    replay_min_reward: float = 1.0  # a group enters the buffer when its best reward reaches this and its std > 0
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = "grpo"
-    norm_adv_by_std: bool = True
+    name: str = "grpo"  # label; the fields below are what runs (configs/algorithm/NAME.yaml sets them)
+    adv_estimator: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline | remax | gae (needs the critic)
+    policy_loss: str = "ppo"  # ppo (token ratio) | gspo (sequence ratio)
+    norm_adv_by_std: bool = True  # grpo: divide by the group std (false = Dr. GRPO)
+    whiten_advantages: bool = False  # gae / reinforce_pp*: whiten over the global batch
+    gamma: float = 1.0
+    lam: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: float = 0.0  # dual-clip PPO bound for negative advantages (> 1); 0 = off
     loss_agg_mode: str = "token-mean"
     use_kl_loss: bool = True
     kl_coef: float = 0.001
     kl_estimator: str = "k3"
+    kl_in_reward: KLRewardConfig = field(default_factory=KLRewardConfig)
+    kl_guard: KLGuardConfig = field(default_factory=KLGuardConfig)
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     tis_cap: float = 0.0  # truncated importance sampling: min(exp(old - rollout logprob), cap); 0 = off
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+
+
+@dataclass
+class CriticConfig:
+    """The value model of PPO (``algorithm.adv_estimator=gae``), ``critic.*``."""
+
+    init_from: str = "actor"  # actor (its weights, a fresh scalar head) | a reward-model directory
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_range_value: float = 0.5  # PPO value clipping around the old values; 0 = off
+    warmup_updates: int = 0  # first steps train only the critic (the policy waits for a usable baseline)
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -141,6 +229,10 @@ class TrainerConfig:
     offload_actor_during_rollout: bool = False  # CUDA: actor + optimizer state in host memory while generating
     eval_before: bool = True
     eval_after: bool = True
+    val_every: int = 0  # held-out evaluation every N steps (0 = only before and after)
+    checkpoint_dir: str | None = None  # null = <run dir>/checkpoints
+    keep_last: int = 2  # complete checkpoints kept
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run aborts
     sft: SFTWarmupConfig = field(default_factory=SFTWarmupConfig)
 
 
@@ -167,6 +259,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -245,6 +338,47 @@ def _validate_sizes(cfg: Config) -> None:
     if cfg.trainer.sft.steps > 0:
         _positive(cfg.trainer.sft.batch_size, "trainer.sft.batch_size")
         _positive(cfg.trainer.sft.lr, "trainer.sft.lr")
+    _validate_algorithm_sizes(cfg)
+
+
+def _in_range(value: float, key: str, low: float, high: float, fix: str) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={value} must be in [{low}, {high}]; {fix}")
+
+
+def _validate_algorithm_sizes(cfg: Config) -> None:
+    a, c, t, r = cfg.algorithm, cfg.critic, cfg.trainer, cfg.reward
+    _in_range(a.gamma, "algorithm.gamma", 0.0, 1.0, "set algorithm.gamma=1.0 (no discount)")
+    _in_range(a.lam, "algorithm.lam", 0.0, 1.0, "set algorithm.lam=1.0 (Monte-Carlo advantages)")
+    if a.clip_ratio_c != 0.0 and a.clip_ratio_c <= 1.0:
+        raise ConfigError(f"algorithm.clip_ratio_c={a.clip_ratio_c} must be > 1 (dual-clip bound, e.g. 3.0) or 0 (off)")
+    _positive(a.kl_in_reward.coef, "algorithm.kl_in_reward.coef", allow_zero=True)
+    _positive(a.kl_in_reward.target, "algorithm.kl_in_reward.target")
+    _positive(a.kl_in_reward.horizon, "algorithm.kl_in_reward.horizon")
+    _positive(a.kl_guard.max_kl, "algorithm.kl_guard.max_kl", allow_zero=True)
+    if not 0.0 < a.kl_guard.lr_decay <= 1.0:
+        raise ConfigError(f"algorithm.kl_guard.lr_decay={a.kl_guard.lr_decay} must be in (0, 1]; set it to 0.5")
+    _positive(a.dynamic_sampling.max_rounds, "algorithm.dynamic_sampling.max_rounds")
+    if not 0 <= a.overlong.buffer_len < cfg.rollout.max_new_tokens:
+        raise ConfigError(f"algorithm.overlong.buffer_len={a.overlong.buffer_len} must be in [0, rollout.max_new_tokens="
+                          f"{cfg.rollout.max_new_tokens}); set it to about a fifth of rollout.max_new_tokens, or 0 (off)")
+    _positive(a.overlong.penalty_factor, "algorithm.overlong.penalty_factor", allow_zero=True)
+    _positive(a.filter.replay_capacity, "algorithm.filter.replay_capacity", allow_zero=True)
+    _in_range(a.filter.replay_fraction, "algorithm.filter.replay_fraction", 0.0, 1.0, "set it to e.g. 0.25, or 0 (off)")
+    if a.filter.replay_fraction > 0 and a.filter.replay_capacity == 0:
+        raise ConfigError("algorithm.filter.replay_fraction > 0 needs a buffer; set algorithm.filter.replay_capacity "
+                          "(groups kept per rank, e.g. 64) or algorithm.filter.replay_fraction=0")
+    for key, value in [("critic.lr", c.lr), ("reward.model.micro_batch_size", r.model.micro_batch_size),
+                       ("trainer.keep_last", t.keep_last), ("trainer.max_consecutive_skips", t.max_consecutive_skips)]:
+        _positive(value, key)
+    for key, value in [("critic.warmup_steps", c.warmup_steps), ("critic.weight_decay", c.weight_decay),
+                       ("critic.grad_clip", c.grad_clip), ("critic.clip_range_value", c.clip_range_value),
+                       ("critic.warmup_updates", c.warmup_updates), ("trainer.val_every", t.val_every),
+                       ("reward.rule_weight", r.rule_weight), ("reward.model.weight", r.model.weight)]:
+        _positive(value, key, allow_zero=True)
+    if r.rule_weight == 0 and (r.model.path is None or r.model.weight == 0):
+        raise ConfigError("reward.rule_weight=0 and no reward model leaves nothing to learn from; set reward.model.path "
+                          "(and reward.model.weight > 0) or reward.rule_weight > 0")
 
 
 def _validate_layout(cfg: Config, world_size: int) -> None:
@@ -272,7 +406,23 @@ def _validate_layout(cfg: Config, world_size: int) -> None:
 
 
 def _validate_choices(cfg: Config) -> None:
-    _choice(cfg.algorithm.name, "algorithm.name", ALGORITHMS)
+    a = cfg.algorithm
+    _choice(a.name, "algorithm.name", ALGORITHMS)
+    _choice(a.adv_estimator, "algorithm.adv_estimator", ADV_ESTIMATORS)
+    _choice(a.policy_loss, "algorithm.policy_loss", POLICY_LOSSES)
+    _choice(a.kl_in_reward.estimator, "algorithm.kl_in_reward.estimator", KL_ESTIMATORS)
+    _choice(a.kl_in_reward.controller, "algorithm.kl_in_reward.controller", KL_CONTROLLERS)
+    _choice(cfg.reward.model.dtype, "reward.model.dtype", ("float32", "bfloat16"))
+    if a.use_kl_loss and a.kl_coef > 0 and a.kl_in_reward.enable:
+        raise ConfigError(
+            "KL to the reference is on both as a loss (algorithm.use_kl_loss=true, algorithm.kl_coef > 0) and in the "
+            "reward (algorithm.kl_in_reward.enable=true); pick one: set algorithm.use_kl_loss=false or "
+            "algorithm.kl_in_reward.enable=false"
+        )
+    group_based = a.adv_estimator in ("grpo", "rloo", "reinforce_pp_baseline") or a.dynamic_sampling.enable
+    if group_based and cfg.rollout.n < 2:
+        raise ConfigError(f"algorithm.adv_estimator={a.adv_estimator} (or dynamic sampling) compares the samples of a "
+                          f"prompt with each other, but rollout.n={cfg.rollout.n}; set rollout.n >= 2")
     _choice(cfg.algorithm.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
     _choice(cfg.algorithm.kl_estimator, "algorithm.kl_estimator", KL_ESTIMATORS)
     _choice(cfg.rollout.engine, "rollout.engine", ENGINES)
@@ -362,6 +512,11 @@ def _validate_paths(cfg: Config) -> None:
             "data.train_files is set but model.path is not; the embedded tiny model only knows the embedded "
             "arithmetic task. Set model.path=<HF model dir> or clear data.train_files"
         )
+    for key, path in [("reward.model.path", cfg.reward.model.path),
+                      ("critic.init_from", None if cfg.critic.init_from == "actor" else cfg.critic.init_from)]:
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{key}={path!r} is not a Hugging Face model directory (no config.json there); point "
+                              f"{key} at one{' or set critic.init_from=actor' if key.startswith('critic') else ''}")
     for key, files in [("data.train_files", cfg.data.train_files), ("data.val_files", cfg.data.val_files)]:
         for path in files:
             if not os.path.isfile(path):

@@ -28,11 +28,14 @@ from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dat
 from .data.loader import PromptLoader
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
 from .models.build import build_models, build_reference
+from .models.heads import build_critic, check_model_dir, load_reward_model
 from .models.load import eos_token_ids, load_tokenizer, model_config
+from .rewards.model import RewardModel
 from .rewards.registry import RewardScorer
 from .rollout.build import build_engine, sync_shard_dims
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
+from .trainer.critic import Critic
 from .trainer.loop import Trainer
 from .trainer.metrics import MetricsLogger
 from .trainer.offload import ActorOffload
@@ -119,19 +122,55 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
         metrics = sft_warm_start(actor_model, sft_demonstrations(cfg, tokenizer), cfg.trainer.sft, topo.rank,
                                  topo.world_size, topo.device, tokenizer.pad_token_id, cfg.trainer.grad_clip)
         logger.log(0, metrics, advance=False)
-    algo = cfg.algorithm
-    reference = build_reference(actor_model, hf_config, topo) if algo.use_kl_loss and algo.kl_coef > 0 else None
-    t = cfg.trainer
-    optimizer = torch.optim.AdamW(actor_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    algo, t = cfg.algorithm, cfg.trainer
+    reference = build_reference(actor_model, hf_config, topo) if needs_reference(cfg) else None
     updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, max(updates, t.warmup_steps), t.min_lr_ratio)
+    optimizer, scheduler = build_optimizer(actor_model, t.lr, t.weight_decay, t.betas, t.warmup_steps, updates,
+                                           t.min_lr_ratio)
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
+    critic = build_critic_for(cfg, topo, hf_config, actor_model, updates) if algo.adv_estimator == "gae" else None
+    reward_model = None
+    if cfg.reward.model.path is not None:
+        rm_dtype = torch.bfloat16 if cfg.reward.model.dtype == "bfloat16" else torch.float32
+        reward_model = RewardModel(load_reward_model(cfg.reward.model.path, topo, rm_dtype), topo.device,
+                                   cfg.reward.model.micro_batch_size)
     with ActorOffload(actor_model, optimizer, topo.device, t.offload_actor_during_rollout):  # vLLM sizes its KV
         engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
     shard_dims = sync_shard_dims(engine, actor_model, topo.tp)
     loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)
-    return Trainer(cfg, topo, tokenizer, actor, reference, engine, shard_dims, scorer, loader, val, logger)
+    return Trainer(cfg, topo, tokenizer, actor, reference, engine, shard_dims, scorer, loader, val, logger,
+                   critic=critic, reward_model=reward_model)
+
+
+def needs_reference(cfg: Config) -> bool:
+    """A frozen reference is built when KL is a loss, in the reward, or guarded."""
+    a = cfg.algorithm
+    return (a.use_kl_loss and a.kl_coef > 0) or a.kl_in_reward.enable or a.kl_guard.max_kl > 0
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas, warmup_steps: int, updates: int,
+                    min_lr_ratio: float):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return optimizer, build_scheduler(optimizer, warmup_steps, max(updates, warmup_steps), min_lr_ratio)
+
+
+def build_critic_for(cfg: Config, topo: Topology, hf_config, actor_model, updates: int) -> Critic:
+    """The value model of ``adv_estimator=gae``: from the actor's weights or a reward model's."""
+    c = cfg.critic
+    init_from = actor_model if c.init_from == "actor" else c.init_from
+    model = build_critic(hf_config, topo, init_from, c.activation_checkpointing, seed=cfg.trainer.seed)
+    optimizer, scheduler = build_optimizer(model, c.lr, c.weight_decay, cfg.trainer.betas, c.warmup_steps, updates,
+                                           cfg.trainer.min_lr_ratio)
+    return Critic(model, optimizer, scheduler, topo.dp_size, c.grad_clip, topo.device)
+
+
+def check_reward_model(cfg: Config, tokenizer) -> None:
+    """The reward model and critic directories, checked before any process group exists."""
+    if cfg.reward.model.path is not None:
+        check_model_dir(cfg.reward.model.path, "reward.model.path", tokenizer)
+    if cfg.algorithm.adv_estimator == "gae" and cfg.critic.init_from != "actor":
+        check_model_dir(cfg.critic.init_from, "critic.init_from", tokenizer)
 
 
 def report(results: dict[str, dict[str, float]], logger: MetricsLogger) -> None:
@@ -154,6 +193,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         tokenizer = load_tokenizer(cfg)
         train, val = load_data(cfg, tokenizer)
         scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
+        check_reward_model(cfg, tokenizer)
         if len(train) < cfg.trainer.batch_size:
             raise ConfigError(f"only {len(train)} usable training prompts, fewer than trainer.batch_size="
                               f"{cfg.trainer.batch_size}; lower trainer.batch_size or add data")

@@ -61,6 +61,10 @@ def grpo_advantages(rewards_GN: Tensor, norm_by_std: bool = True, eps: float = 1
     """
     assert rewards_GN.dim() == 2, f"expected [num_groups, n], got {tuple(rewards_GN.shape)}"
     centred_GN = rewards_GN - rewards_GN.mean(dim=-1, keepdim=True)
+    # a group whose rewards are all equal has advantage exactly 0 (in float32 the mean of eight
+    # 0.7s is not 0.7, and dividing that residue by std + eps would give about 0.06)
+    equal_G1 = (rewards_GN.amax(dim=-1, keepdim=True) == rewards_GN.amin(dim=-1, keepdim=True))
+    centred_GN = torch.where(equal_G1, torch.zeros_like(centred_GN), centred_GN)
     if not norm_by_std:
         return centred_GN
     if rewards_GN.shape[-1] == 1:

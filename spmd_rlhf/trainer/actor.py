@@ -17,7 +17,14 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..algorithms.kl import kl_penalty
-from ..algorithms.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, masked_sum, policy_loss
+from ..algorithms.losses import (
+    aggregate_loss,
+    entropy_from_logits,
+    gspo_policy_loss,
+    logprobs_from_logits,
+    masked_sum,
+    policy_loss,
+)
 from ..config import AlgorithmConfig
 from ..data.batch import TokenBatch, micro_batches
 
@@ -83,15 +90,18 @@ class Actor:
         return out
 
     def _micro_loss(self, micro: TokenBatch, targets: PolicyTargets, algo: AlgorithmConfig, temperature: float,
-                    num_tokens: float, num_seqs: float) -> tuple[torch.Tensor, dict[str, float]]:
+                    num_tokens: float, num_seqs: float,
+                    norm_constant: float | None) -> tuple[torch.Tensor, dict[str, float]]:
         logits = token_logits(self.model, micro, temperature)
         mask = micro.loss_mask_BT
         logprobs = logprobs_from_logits(logits, micro.input_ids_BT[:, 1:])
-        agg = dict(mode=algo.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
-        loss, stats = policy_loss(
-            logprobs, targets.old_logprobs_BT, targets.advantages_BT, mask, algo.clip_low, algo.clip_high,
-            algo.loss_agg_mode, num_tokens, num_seqs, targets.is_weights_BT,
-        )
+        agg = dict(mode=algo.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=norm_constant)
+        args = (logprobs, targets.old_logprobs_BT, targets.advantages_BT, mask, algo.clip_low, algo.clip_high,
+                algo.loss_agg_mode, num_tokens, num_seqs, targets.is_weights_BT)
+        if algo.policy_loss == "gspo":
+            loss, stats = gspo_policy_loss(*args, norm_constant=norm_constant)
+        else:
+            loss, stats = policy_loss(*args, clip_ratio_c=algo.clip_ratio_c, norm_constant=norm_constant)
         tokens = float(mask.sum().item())
         metrics = {f"actor/{k}": float(v) * tokens for k, v in stats.items()}
         metrics["actor/pg_loss"] = float(loss.detach()) * self.dp_size
@@ -107,17 +117,20 @@ class Actor:
         return loss, metrics
 
     def update(self, batch: TokenBatch, targets: PolicyTargets, algo: AlgorithmConfig, micro_batch_size: int,
-               temperature: float) -> dict[str, float]:
-        """One optimizer step on ``batch`` (this rank's part of a mini-batch)."""
+               temperature: float, norm_constant: float | None = None) -> dict[str, float]:
+        """One optimizer step on ``batch`` (this rank's part of a mini-batch). ``norm_constant``
+        is the divisor of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO)."""
         self.model.train()
-        num_tokens = all_reduce_sum(float(batch.loss_mask_BT.sum()), self.device)
+        # at least 1: a mini-batch whose every group was filtered out contributes zero loss, not NaN
+        num_tokens = max(all_reduce_sum(float(batch.loss_mask_BT.sum()), self.device), 1.0)
         num_seqs = all_reduce_sum(float(batch.size), self.device)
         totals: dict[str, float] = {}
         for rows in micro_batches(batch.size, micro_batch_size):
             micro = batch.select(rows)
             micro_targets = targets.select(rows, micro.loss_mask_BT.shape[1])
             loss, metrics = self._micro_loss(
-                micro.to(self.device), _to(micro_targets, self.device), algo, temperature, num_tokens, num_seqs
+                micro.to(self.device), _to(micro_targets, self.device), algo, temperature, num_tokens, num_seqs,
+                norm_constant,
             )
             (loss * self.dp_size).backward()
             for key, value in metrics.items():

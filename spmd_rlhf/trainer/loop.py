@@ -1,42 +1,49 @@
 """The RL step of DESIGN §2, run by every rank.
 
-    prompts -> sync weights (DTensor reshard) -> generate -> score -> old/ref logprobs
-            -> group advantages -> PPO epochs x mini-batches -> reduced metrics
+    prompts -> sync weights (DTensor reshard) -> generate + score (dynamic sampling rounds)
+            -> filter / replay -> old, reference logprobs, values -> token rewards (KL in reward)
+            -> advantages (grpo, rloo, remax, reinforce++, gae) -> KL guard
+            -> PPO epochs x mini-batches (actor, critic) -> reduced metrics
 
-Each rank keeps the ``n`` samples of its own prompts, so GRPO groups never straddle ranks.
+Each rank keeps the ``n`` samples of its own prompts, so groups never straddle ranks, and every
+rank holds the same number of sequences (collectives stay in step).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from ..algorithms.advantages import broadcast_to_tokens, grpo_advantages
+from ..algorithms.advantages import outcome_token_rewards
+from ..algorithms.kl import kl_reward_penalty
+from ..algorithms.shaping import keep_groups, overlong_penalty
 from ..config import Config
-from ..data.batch import TokenBatch, collate, response_tensor
+from ..data.batch import response_tensor
 from ..data.datasets import PromptExample
 from ..data.loader import PromptLoader
 from ..distributed.reshard import full_tensor_stream, reshard_stream
 from ..distributed.topology import Topology
 from ..rewards.registry import RewardScorer
-from ..rollout.base import RolloutEngine, SamplingConfig, Samples
+from ..rollout.base import RolloutEngine, SamplingConfig
 from .actor import Actor, PolicyTargets
+from .estimate import compute_advantages
 from .evaluate import evaluate
+from .groups import Rollout, concat
+from .kl_control import KLControl
 from .metrics import MetricsLogger
 from .offload import ActorOffload
+from .replay import GroupReplayBuffer
 
 
 @dataclass
-class Rollout:
-    """This rank's samples of one step, with everything the update needs."""
+class CriticTargets:
+    """What the critic's update needs, aligned with ``TokenBatch.loss_mask_BT``."""
 
-    examples: list[PromptExample]  # one per sample (prompts repeated n times)
-    samples: Samples
-    batch: TokenBatch
-    rewards: torch.Tensor  # [B]
-    metrics: dict[str, float] = field(default_factory=dict)  # engine/actor mismatch, filled by targets()
+    old_values_BT: torch.Tensor
+    returns_BT: torch.Tensor
 
 
 def rollout_correction(old_BT: torch.Tensor, engine_BT: torch.Tensor, mask_BT: torch.Tensor,
@@ -65,7 +72,7 @@ def rollout_correction(old_BT: torch.Tensor, engine_BT: torch.Tensor, mask_BT: t
 class Trainer:
     def __init__(self, cfg: Config, topo: Topology, tokenizer, actor: Actor, reference, engine: RolloutEngine,
                  shard_dims: dict[str, int | None], scorer: RewardScorer, loader: PromptLoader,
-                 val_examples: list[PromptExample], logger: MetricsLogger):
+                 val_examples: list[PromptExample], logger: MetricsLogger, critic=None, reward_model=None):
         self.cfg = cfg
         self.topo = topo
         self.tokenizer = tokenizer
@@ -77,6 +84,13 @@ class Trainer:
         self.loader = loader
         self.val_examples = val_examples
         self.logger = logger
+        self.critic = critic
+        self.reward_model = reward_model
+        self.kl_control = KLControl(cfg.algorithm)
+        f = cfg.algorithm.filter
+        self.replay = None
+        if f.replay_capacity > 0:
+            self.replay = GroupReplayBuffer(f.replay_capacity, f.replay_min_reward, cfg.trainer.seed + 31 * topo.rank)
         self.step = 0
 
     # --- phases -----------------------------------------------------------------------------
@@ -101,56 +115,173 @@ class Trainer:
         self.engine.load_weights(counted(stream))
         return float(received)
 
-    def sampling(self, step: int) -> SamplingConfig:
+    def sampling(self, step: int, round_: int = 0, greedy: bool = False) -> SamplingConfig:
         r = self.cfg.rollout
-        seed = r.seed + 1_000_003 * step + 7919 * self.topo.gen_dp_rank
+        seed = r.seed + 1_000_003 * step + 7919 * self.topo.gen_dp_rank + 104_729 * round_
+        if greedy:
+            return SamplingConfig(max_new_tokens=r.max_new_tokens, n=1, temperature=0.0, seed=seed)
         return SamplingConfig(max_new_tokens=r.max_new_tokens, n=r.n, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, seed=seed, ignore_eos=r.ignore_eos)
 
-    def generate(self, prompts: list[PromptExample], step: int) -> Rollout:
-        sampling = self.sampling(step)
+    def generate(self, prompts: list[PromptExample], step: int, round_: int = 0) -> Rollout:
+        """Sample ``rollout.n`` responses per prompt and score them (ReMax: also score a greedy one)."""
+        sampling = self.sampling(step, round_)
         samples = self.engine.generate([p.prompt_ids for p in prompts], sampling)
-        examples = [p for p in prompts for _ in range(sampling.n)]
-        assert len(samples) == len(examples), "engine returned this rank's share, n per prompt"
-        batch = collate([e.prompt_ids for e in examples], samples.token_ids, self.tokenizer.pad_token_id)
-        return Rollout(examples, samples, batch, torch.zeros(len(examples)))
+        rollout = Rollout([p for p in prompts for _ in range(sampling.n)], samples, sampling.n)
+        rollout.metrics = self.score(rollout)
+        if self.cfg.algorithm.adv_estimator == "remax":
+            greedy = self.engine.generate([p.prompt_ids for p in prompts], self.sampling(step, round_, greedy=True))
+            baseline = Rollout(list(prompts), greedy, 1)
+            self.score(baseline, shaping=False)
+            rollout.greedy_rewards = baseline.rewards
+            rollout.metrics["reward/greedy_baseline"] = float(baseline.rewards.mean())
+        return rollout
 
-    def score(self, rollout: Rollout) -> dict[str, float]:
-        texts = self.tokenizer.batch_decode(rollout.samples.token_ids, skip_special_tokens=True)
-        ex = rollout.examples
-        scores, metrics = self.scorer.score([e.data_source for e in ex], texts, [e.ground_truth for e in ex],
-                                            [e.extra_info for e in ex])
-        rollout.rewards = torch.tensor(scores, dtype=torch.float32)
+    def score(self, rollout: Rollout, shaping: bool = True) -> dict[str, float]:
+        """The training reward: rule_weight * rule score + weight * reward-model score, plus
+        DAPO's overlong penalty (``shaping``)."""
+        rw, ex = self.cfg.reward, rollout.examples
+        rewards = torch.zeros(rollout.size)
+        metrics: dict[str, float] = {}
+        if rw.rule_weight > 0:
+            texts = self.tokenizer.batch_decode(rollout.samples.token_ids, skip_special_tokens=True)
+            scores, metrics = self.scorer.score([e.data_source for e in ex], texts, [e.ground_truth for e in ex],
+                                                [e.extra_info for e in ex])
+            rewards += rw.rule_weight * torch.tensor(scores, dtype=torch.float32)
+        if self.reward_model is not None:
+            model_scores = self.reward_model.score(rollout.batch(self.tokenizer.pad_token_id))
+            rewards += rw.model.weight * model_scores
+            metrics["reward/model_score"] = float(model_scores.mean())
+        overlong = self.cfg.algorithm.overlong
+        if shaping and overlong.buffer_len > 0:
+            lengths = torch.tensor([len(t) for t in rollout.samples.token_ids], dtype=torch.float32)
+            penalty = overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, overlong.buffer_len,
+                                       overlong.penalty_factor)
+            rewards += penalty
+            metrics["reward/overlong_penalty"] = float(penalty.mean())
+        rollout.rewards = rewards
         return metrics
 
-    def targets(self, rollout: Rollout) -> PolicyTargets:
-        """Advantages, old/reference logprobs and (``algorithm.tis_cap > 0``) truncated
-        importance weights; records the engine/actor logprob mismatch in ``rollout.metrics``."""
+    def collect(self, prompts: list[PromptExample]) -> Rollout:
+        """Generate and score; with dynamic sampling, keep only groups whose rewards differ and
+        generate for further batches of prompts (every rank together, for tp groups and the
+        loader) until every rank has as many groups as it has prompts, or ``max_rounds`` is
+        reached; then fill up with dropped groups (they give no policy gradient)."""
+        ds = self.cfg.algorithm.dynamic_sampling
+        first = self.generate(prompts, self.step)
+        if not ds.enable:
+            return first
+        quota, kept, dropped, rounds = first.num_groups, [], [], 0
+        part = first
+        while True:
+            rounds += 1
+            keep = keep_groups(part.rewards_GN(), 0.0)
+            kept.append(part.groups([g for g in range(part.num_groups) if keep[g]]))
+            dropped.append(part.groups([g for g in range(part.num_groups) if not keep[g]]))
+            have = sum(p.num_groups for p in kept)
+            shortest = self._min_over_ranks(have)
+            if shortest >= quota or rounds >= ds.max_rounds:
+                break
+            part = self.generate(self.loader.next(), self.step, rounds)
+        pool = concat(kept + dropped)
+        rollout = pool.groups(list(range(quota)))  # kept groups first, then dropped ones
+        filled = max(0, quota - have)
+        rollout.metrics = {**first.metrics, "rollout/dynamic_sampling/rounds": float(rounds),
+                           "rollout/dynamic_sampling/kept_first_round": float(keep_groups(first.rewards_GN(), 0.0)
+                                                                               .float().mean()),
+                           "rollout/dynamic_sampling/num_filled_groups": float(filled)}
+        return rollout
+
+    def _min_over_ranks(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
+    def filter_and_replay(self, rollout: Rollout) -> tuple[Rollout, list[int], dict[str, float]]:
+        """Reward-variance filter and replay: returns the rollout (some groups possibly swapped
+        for replayed ones), the groups left without loss, and metrics."""
+        f = self.cfg.algorithm.filter
+        metrics: dict[str, float] = {}
+        filtered: list[int] = []
+        if f.min_reward_std >= 0:
+            keep = keep_groups(rollout.rewards_GN(), f.min_reward_std)
+            filtered = [g for g in range(rollout.num_groups) if not keep[g]]
+        if self.replay is not None:
+            fresh = rollout
+            rollout, replaced = self.replay.mix(rollout, f.replay_fraction, filtered)
+            metrics["filter/num_replayed_groups"] = float(replaced)
+            metrics["filter/num_buffered_groups_added"] = float(self.replay.add(fresh))
+            metrics["filter/buffer_size"] = float(len(self.replay))
+            if f.min_reward_std >= 0:  # re-check: replayed groups replaced filtered ones first
+                keep = keep_groups(rollout.rewards_GN(), f.min_reward_std)
+                filtered = [g for g in range(rollout.num_groups) if not keep[g]]
+        if f.min_reward_std >= 0:
+            metrics["filter/num_filtered_groups"] = float(len(filtered))
+        return rollout, filtered, metrics
+
+    def targets(self, rollout: Rollout, filtered: list[int]) -> tuple[PolicyTargets, CriticTargets | None, dict]:
+        """Old/reference logprobs, values, token rewards (KL in the reward if configured) and
+        advantages; truncated importance weights (``algorithm.tis_cap``); the engine/actor
+        logprob mismatch. Filtered groups get a zero loss mask."""
         r, algo, micro = self.cfg.rollout, self.cfg.algorithm, self.cfg.trainer.micro_batch_size
-        old = self.actor.logprobs(rollout.batch, micro, r.temperature)
+        batch = rollout.batch(self.tokenizer.pad_token_id)
+        for g in filtered:
+            batch.loss_mask_BT[g * r.n : (g + 1) * r.n] = 0.0
+        mask = batch.loss_mask_BT
+        old = self.actor.logprobs(batch, micro, r.temperature)
         ref = None
         if self.reference is not None:
-            ref = self.actor.logprobs(rollout.batch, micro, r.temperature, model=self.reference)
-        adv_B = grpo_advantages(rollout.rewards.view(-1, r.n), algo.norm_adv_by_std).view(-1)
-        engine_lp = response_tensor(rollout.samples.logprobs, rollout.batch, [len(e.prompt_ids) for e in rollout.examples])
-        is_weights, rollout.metrics = rollout_correction(old, engine_lp, rollout.batch.loss_mask_BT, algo.tis_cap)
-        return PolicyTargets(broadcast_to_tokens(adv_B, rollout.batch.loss_mask_BT), old, ref, is_weights)
+            ref = self.actor.logprobs(batch, micro, r.temperature, model=self.reference)
+        metrics: dict[str, float] = {}
+        token_rewards = outcome_token_rewards(rollout.rewards, mask)
+        if self.kl_control.reward_controller is not None:
+            kl_BT = self.kl_control.reward_penalty_BT(old, ref, mask)
+            token_rewards = kl_reward_penalty(token_rewards, kl_BT, mask, self.kl_control.coef)
+            metrics.update(self.kl_control.after_step(kl_BT, mask))
+        if self.kl_control.max_kl > 0:
+            metrics["actor/kl_to_ref"] = self.kl_control.measured_kl(old, ref, mask)
+        values = self.critic.values(batch, micro) if self.critic is not None else None
+        adv = compute_advantages(algo, token_rewards, mask, r.n, values, rollout.greedy_rewards)
+        engine_lp = response_tensor(rollout.samples.logprobs, batch, rollout.prompt_lengths)
+        is_weights, mismatch = rollout_correction(old, engine_lp, mask, algo.tis_cap)
+        metrics.update(mismatch)
+        valid = mask.bool()
+        metrics["actor/advantage_mean"] = float(adv.advantages_BT[valid].mean()) if valid.any() else 0.0
+        critic_targets = None
+        if self.critic is not None:
+            critic_targets = CriticTargets(values, adv.returns_BT)
+            metrics["critic/values_mean"] = float(values[valid].mean()) if valid.any() else 0.0
+            metrics["critic/returns_mean"] = float(adv.returns_BT[valid].mean()) if valid.any() else 0.0
+        return PolicyTargets(adv.advantages_BT, old, ref, is_weights), critic_targets, metrics
 
-    def update(self, rollout: Rollout, targets: PolicyTargets) -> dict[str, float]:
+    def update(self, rollout: Rollout, targets: PolicyTargets, critic_targets: CriticTargets | None,
+               train_actor: bool) -> dict[str, float]:
         cfg = self.cfg
+        batch = rollout.batch(self.tokenizer.pad_token_id)
         seqs_per_mini = cfg.trainer.mini_batch_size // self.topo.dp_size * cfg.rollout.n
+        norm_constant = float(cfg.rollout.max_new_tokens)
         totals: dict[str, float] = {}
-        updates = 0
+        counts: dict[str, int] = {}
+
+        def add(metrics: dict[str, float]) -> None:
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+
         for _ in range(cfg.algorithm.ppo_epochs):
-            for start in range(0, rollout.batch.size, seqs_per_mini):
+            for start in range(0, batch.size, seqs_per_mini):
                 rows = slice(start, start + seqs_per_mini)
-                mini = rollout.batch.select(rows)
-                metrics = self.actor.update(mini, targets.select(rows, mini.loss_mask_BT.shape[1]), cfg.algorithm,
-                                            cfg.trainer.micro_batch_size, cfg.rollout.temperature)
-                updates += 1
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value
-        return {k: (v if k == "actor/skipped_steps" else v / updates) for k, v in totals.items()}
+                mini = batch.select(rows)
+                length = mini.loss_mask_BT.shape[1]
+                if train_actor:
+                    add(self.actor.update(mini, targets.select(rows, length), cfg.algorithm,
+                                          cfg.trainer.micro_batch_size, cfg.rollout.temperature, norm_constant))
+                if self.critic is not None:
+                    add(self.critic.update(mini, critic_targets.old_values_BT[rows, :length],
+                                           critic_targets.returns_BT[rows, :length], cfg.critic.clip_range_value,
+                                           cfg.algorithm.loss_agg_mode, cfg.trainer.micro_batch_size, norm_constant))
+        return {k: (v if k.endswith("skipped_steps") else v / counts[k]) for k, v in totals.items()}
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -168,21 +299,32 @@ class Trainer:
         self.engine.wake()
         received = timed("reshard", self.sync_weights)
         with self.actor_offloaded():  # the KV cache wakes inside generate, into the room left
-            rollout = timed("generate", self.generate, prompts, self.step)
+            rollout = timed("generate", self.collect, prompts)  # scoring included
             self.engine.sleep()
-        reward_metrics = timed("reward", self.score, rollout)
-        targets = timed("reference", self.targets, rollout)
-        update_metrics = timed("update", self.update, rollout, targets)
+        rollout, filtered, filter_metrics = self.filter_and_replay(rollout)
+        targets, critic_targets, target_metrics = timed("reference", self.targets, rollout, filtered)
+        train_actor = self.step >= self.cfg.critic.warmup_updates or self.critic is None
+        if self.kl_control.max_kl > 0 and self.kl_control.guard(target_metrics["actor/kl_to_ref"],
+                                                                 [self.actor.scheduler]):
+            train_actor = False
+            self.logger.write(f"step {self.step + 1}: KL to the reference {target_metrics['actor/kl_to_ref']:.4f} > "
+                              f"algorithm.kl_guard.max_kl={self.kl_control.max_kl}; update skipped, learning rate "
+                              f"scaled to {self.kl_control.lr_scale:.3g} of its schedule")
+        update_metrics = timed("update", self.update, rollout, targets, critic_targets, train_actor)
         timings["timing/step"] = time.perf_counter() - step_start
-        return {**self._rollout_metrics(rollout, received, timings), **rollout.metrics, **reward_metrics,
-                **update_metrics, **timings}
+        guard = {"kl_guard/skipped_steps": float(self.kl_control.guard_skips),
+                 "kl_guard/lr_scale": self.kl_control.lr_scale} if self.kl_control.max_kl > 0 else {}
+        return {**self._rollout_metrics(rollout, received, timings), **rollout.metrics, **filter_metrics,
+                **target_metrics, **update_metrics, **guard, **timings}
 
     def _rollout_metrics(self, rollout: Rollout, received: float, timings: dict[str, float]) -> dict[str, float]:
         lengths = torch.tensor([len(t) for t in rollout.samples.token_ids], dtype=torch.float32)
         stopped = sum(1 for f in rollout.samples.finish_reasons if f == "stop")
-        groups = rollout.rewards.view(-1, self.cfg.rollout.n)
+        groups = rollout.rewards_GN()
+        batch = rollout.batch(self.tokenizer.pad_token_id)
         tokens = float(lengths.sum())
         return {
+            "rollout/reward": float(rollout.rewards.mean()),
             "rollout/response_length": float(lengths.mean()),
             "rollout/response_length/max": float(lengths.max()),
             "rollout/stop_fraction": stopped / len(lengths),
@@ -191,7 +333,7 @@ class Trainer:
             "rollout/weight_version": float(getattr(self.engine, "weight_version", 0)),
             "perf/reshard_bytes_per_rank": received,
             "perf/generate_tokens_per_s": tokens / max(timings["timing/generate"], 1e-9),
-            "perf/tokens_per_s": float(rollout.batch.attention_mask_BT.sum()) / max(timings["timing/step"], 1e-9),
+            "perf/tokens_per_s": float(batch.attention_mask_BT.sum()) / max(timings["timing/step"], 1e-9),
         }
 
     def evaluate(self) -> dict[str, float]:
@@ -218,14 +360,18 @@ class Trainer:
             close()
 
     def run(self) -> dict[str, dict[str, float]]:
-        """Train ``trainer.total_steps`` steps; returns held-out metrics before and after."""
+        """Train ``trainer.total_steps`` steps; returns held-out metrics before and after.
+        ``trainer.val_every`` adds held-out evaluations during training."""
+        t = self.cfg.trainer
         results: dict[str, dict[str, float]] = {}
-        if self.cfg.trainer.eval_before and self.val_examples:
+        if t.eval_before and self.val_examples:
             results["before"] = self.logger.log(self.step, self.evaluate(), advance=False)
-        while self.step < self.cfg.trainer.total_steps:
+        while self.step < t.total_steps:
             metrics = self.train_step()
             self.step += 1
             self.logger.log(self.step, metrics)
-        if self.cfg.trainer.eval_after and self.val_examples:
+            if t.val_every and self.step % t.val_every == 0 and self.step < t.total_steps and self.val_examples:
+                self.logger.log(self.step, self.evaluate(), advance=False)
+        if t.eval_after and self.val_examples:
             results["after"] = self.logger.log(self.step, self.evaluate(), advance=False)
         return results

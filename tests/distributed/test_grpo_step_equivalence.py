@@ -1,5 +1,8 @@
 """One GRPO step gives the same weights on 1, 2 and 4 ranks, for every loss aggregation.
 
+(``seq-mean-token-sum-norm``, Dr. GRPO's, divides by rollout.max_new_tokens instead of the
+response count; with gradient clipping active it ends elsewhere than seq-mean-token-sum.)
+
 The worker runs the real ``Trainer`` (``generate`` with a stub engine, ``targets``, ``update``)
 on a fixed rollout with unequal lengths, 2 mini-batches and gradient accumulation, with the k3
 KL loss against a frozen reference. Losses are normalised by global counts, so the weights may
@@ -23,7 +26,7 @@ import torch
 from tests.launch import REPO_ROOT, torchrun
 
 WORKER = REPO_ROOT / "tests" / "distributed" / "workers" / "grpo_step_worker.py"
-MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RTOL, ATOL = 1e-5, 1e-6
 MOVED = 1e-4  # a step moves some weight by at least this much (100x the tolerance; lr is 1e-3)
 DIFFERENT = 1e-5  # two loss modes end at least this far apart (10x the tolerance)

@@ -304,3 +304,10 @@ def test_summed_moments_whiten_like_the_whole_batch():
 def test_masked_whiten_all_padding_is_zero():
     out = masked_whiten(torch.full((2, 3), float("nan")), torch.zeros(2, 3))
     assert_close(out, torch.zeros(2, 3), rtol=0, atol=0)
+
+
+def test_grpo_equal_group_gets_exactly_zero_in_float32() -> None:
+    # mean of eight float32 0.7s differs from 0.7 by ~6e-8; the advantage must still be exactly 0
+    rewards_GN = torch.full((1, 8), 0.7, dtype=torch.float32)
+    assert torch.equal(grpo_advantages(rewards_GN), torch.zeros(1, 8))
+    assert torch.equal(grpo_advantages(rewards_GN, norm_by_std=False), torch.zeros(1, 8))

@@ -30,8 +30,11 @@ def _set(**fields: object) -> Callable[[Config], None]:
 
     def apply(cfg: Config) -> None:
         for dotted, value in fields.items():
-            section, name = dotted.split("__")
-            setattr(getattr(cfg, section), name, value)
+            *path, name = dotted.split("__")
+            node = cfg
+            for part in path:
+                node = getattr(node, part)
+            setattr(node, name, value)
 
     return apply
 
@@ -52,7 +55,7 @@ MISTAKES = [
     ("tp_vs_shard", _set(distributed__tp=3), 4, "distributed.tp", r"set distributed\.tp to a divisor of 4"),
     ("replicate_vs_world", _set(distributed__dp_replicate=3), 4, "distributed.dp_replicate",
      r"multiple of 3 \(the number of launched processes\)"),
-    ("algorithm_name", _set(algorithm__name="ppo"), 1, "algorithm.name", r"set algorithm\.name=.*grpo|grpo.*set"),
+    ("algorithm_name", _set(algorithm__name="trpo"), 1, "algorithm.name", r"set algorithm\.name=.*grpo|grpo.*set"),
     ("engine", _set(rollout__engine="sglang"), 1, "rollout.engine", r"set rollout\.engine="),
     ("loss_agg_mode", _set(algorithm__loss_agg_mode="token-sum"), 1, "algorithm.loss_agg_mode",
      r"token-mean.*set algorithm\.loss_agg_mode="),
@@ -60,6 +63,18 @@ MISTAKES = [
      r"k3.*set algorithm\.kl_estimator="),
     ("top_p_high", _set(rollout__top_p=1.5), 1, "rollout.top_p", r"set rollout\.top_p=1\.0"),
     ("top_p_zero", _set(rollout__top_p=0.0), 1, "rollout.top_p", r"set rollout\.top_p=1\.0"),
+    ("kl_twice", _set(algorithm__use_kl_loss=True, algorithm__kl_coef=0.01, algorithm__kl_in_reward__enable=True), 1,
+     "algorithm.kl_in_reward.enable", r"pick one: set algorithm\.use_kl_loss=false"),
+    ("rloo_one_sample", _set(algorithm__adv_estimator="rloo", rollout__n=1), 1, "rollout.n", r"set rollout\.n >= 2"),
+    ("estimator", _set(algorithm__adv_estimator="vtrace"), 1, "algorithm.adv_estimator", r"gae.*set algorithm"),
+    ("dual_clip", _set(algorithm__clip_ratio_c=0.5), 1, "algorithm.clip_ratio_c", r"> 1 .*or 0 \(off\)"),
+    ("gamma", _set(algorithm__gamma=1.5), 1, "algorithm.gamma", r"set algorithm\.gamma=1\.0"),
+    ("replay_no_buffer", _set(algorithm__filter__replay_fraction=0.25), 1, "algorithm.filter.replay_capacity",
+     r"set algorithm\.filter\.replay_capacity"),
+    ("no_reward", _set(reward__rule_weight=0.0), 1, "reward.rule_weight", r"set reward\.model\.path"),
+    ("overlong_buffer", _set(algorithm__overlong__buffer_len=600), 1, "algorithm.overlong.buffer_len",
+     r"rollout\.max_new_tokens"),
+    ("kl_guard_decay", _set(algorithm__kl_guard__lr_decay=0.0), 1, "algorithm.kl_guard.lr_decay", r"set it to 0\.5"),
 ]
 
 
@@ -68,6 +83,12 @@ def test_mistake_names_key_and_fix(mutate, world_size: int, key: str, fix: str) 
     cfg = Config()
     mutate(cfg)
     _raises(cfg, world_size, key, fix)
+
+
+def test_reward_model_path_without_config(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.reward.model.path = str(tmp_path)
+    _raises(cfg, 1, "reward.model.path", r"point reward\.model\.path at one")
 
 
 def test_model_path_missing_dir(tmp_path: Path) -> None:

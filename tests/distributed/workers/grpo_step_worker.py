@@ -53,6 +53,13 @@ def fixed_rollout(vocab: int, eos: int) -> tuple[list[list[int]], list[list[list
     return prompts, responses
 
 
+class ZeroScorer:
+    """Scores every response 0; the worker then sets the fixed rewards itself."""
+
+    def score(self, data_sources, texts, ground_truths, extra_infos):
+        return [0.0] * len(texts), {}
+
+
 class FixedEngine:
     """A rollout engine that returns the fixed samples of each prompt."""
 
@@ -99,13 +106,13 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
     loader = PromptLoader(examples, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)  # as train.py builds it
-    trainer = Trainer(cfg, topo, tokenizer, actor, reference, engine, {}, None, loader, [], None)
+    trainer = Trainer(cfg, topo, tokenizer, actor, reference, engine, {}, ZeroScorer(), loader, [], None)
 
     prompts = loader.next()
     rollout = trainer.generate(prompts, step=0)
     rollout.rewards = torch.tensor([REWARDS[p.index] for p in prompts], dtype=torch.float32).view(-1)
-    targets = trainer.targets(rollout)
-    metrics = reduce_metrics(trainer.update(rollout, targets))
+    targets, critic_targets, _ = trainer.targets(rollout, filtered=[])
+    metrics = reduce_metrics(trainer.update(rollout, targets, critic_targets, train_actor=True))
     return {
         "initial": initial,
         "final": full_weights(actor_model),
