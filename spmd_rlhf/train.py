@@ -35,6 +35,8 @@ from .rewards.registry import RewardScorer
 from .rollout.build import build_engine, sync_shard_dims
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
+from .trainer.checkpoint import CheckpointManager
+from .trainer.preemption import PreemptionHandler
 from .trainer.critic import Critic
 from .trainer.loop import Trainer
 from .trainer.metrics import MetricsLogger
@@ -102,6 +104,13 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
+def broadcast_from_rank_zero(value):
+    """Rank 0's value on every rank (file-system answers may differ across nodes for a moment)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shared_run_dir(run_dir: str, topo: Topology) -> str:
     """Rank 0's Hydra run directory, on every rank (their clocks may straddle a second)."""
     box = [run_dir]
@@ -113,10 +122,11 @@ def shared_run_dir(run_dir: str, topo: Topology) -> str:
 
 
 def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: RewardScorer,
-                  logger: MetricsLogger) -> Trainer:
+                  logger: MetricsLogger, resuming: bool = False) -> Trainer:
+    """Every part of the run; ``resuming`` skips the warm start (the checkpoint has the weights)."""
     hf_config = model_config(cfg, tokenizer)
     actor_model = build_models(cfg, topo, hf_config).actor
-    if cfg.trainer.sft.steps > 0:
+    if cfg.trainer.sft.steps > 0 and not resuming:
         if cfg.model.path is not None:
             raise ConfigError("trainer.sft.steps > 0 needs the embedded task's demonstrations; set trainer.sft.steps=0")
         metrics = sft_warm_start(actor_model, sft_demonstrations(cfg, tokenizer), cfg.trainer.sft, topo.rank,
@@ -179,6 +189,10 @@ def report(results: dict[str, dict[str, float]], logger: MetricsLogger) -> None:
     if not keys:
         return
     width = max(len(k) for k in keys)
+    if not before:  # a resumed run: no evaluation before its first step
+        lines = [f"{'held-out':<{width}}   after"] + [f"{key:<{width}}  {after.get(key, float('nan')):6.3f}" for key in keys]
+        logger.write("\n".join(lines))
+        return
     lines = [f"{'held-out':<{width}}  before   after   change"]
     for key in keys:
         b, a = before.get(key, float("nan")), after.get(key, float("nan"))
@@ -210,8 +224,15 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         logger.write(f"spmd_rlhf: world {topo.world_size} ({topo.backend}), train mesh {tuple(topo.train_mesh.shape)},"
                      f" generation mesh {tuple(topo.gen_mesh.shape)}, {len(train)} train / {len(val)} held-out prompts,"
                      f" run dir {run_dir}")
-        trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger)
-        results = trainer.run()
+        checkpoints = CheckpointManager(cfg.trainer.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
+                                        cfg.trainer.keep_last)
+        resume_path = broadcast_from_rank_zero(checkpoints.resolve(cfg.trainer.resume))
+        trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger, resuming=resume_path is not None)
+        if resume_path is not None:
+            info = checkpoints.load(resume_path, trainer.checkpoint_state())
+            logger.write(f"spmd_rlhf: resumed from {info.path} (step {info.step}, saved by {info.world_size} ranks)")
+        with PreemptionHandler() as preemption:
+            results = trainer.run(checkpoints, preemption)
         report(results, logger)
         logger.close()
         return results

@@ -11,6 +11,7 @@ rank holds the same number of sequences (collectives stay in step).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ from .groups import Rollout, concat
 from .kl_control import KLControl
 from .metrics import MetricsLogger
 from .offload import ActorOffload
+from .checkpoint import CheckpointManager, ModelOptimizerState, RNGState, is_complete, step_folder_name
+from .faults import NonFiniteGuard, oom_hint
+from .preemption import PreemptionHandler
 from .replay import GroupReplayBuffer
 
 
@@ -91,7 +95,28 @@ class Trainer:
         self.replay = None
         if f.replay_capacity > 0:
             self.replay = GroupReplayBuffer(f.replay_capacity, f.replay_min_reward, cfg.trainer.seed + 31 * topo.rank)
+        self.non_finite = NonFiniteGuard(cfg.trainer.max_consecutive_skips)
         self.step = 0
+
+    # --- state ------------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        """Everything a bit-identical resume needs, as checkpoint components (DESIGN §8)."""
+        state = {"actor": ModelOptimizerState(self.actor.model, self.actor.optimizer, self.actor.scheduler),
+                 "trainer": _Counters(self), "rng": RNGState()}
+        if self.reference is not None:  # the frozen policy of step 0: rebuilding it would copy the resumed actor
+            state["reference"] = ModelOptimizerState(self.reference)
+        if self.critic is not None:
+            state["critic"] = ModelOptimizerState(self.critic.model, self.critic.optimizer, self.critic.scheduler)
+        if self.replay is not None:
+            state["replay"] = _PerRank(self.replay)
+        return state
+
+    def save(self, checkpoints: CheckpointManager) -> str:
+        path = checkpoints.save(self.step, self.checkpoint_state(), hf_config=self.actor.model.config,
+                                tokenizer=self.tokenizer)
+        self.logger.write(f"step {self.step}: checkpoint {path}")
+        return path
 
     # --- phases -----------------------------------------------------------------------------
 
@@ -290,7 +315,8 @@ class Trainer:
 
         def timed(name, fn, *args):
             start = time.perf_counter()
-            out = fn(*args)
+            with oom_hint(name):
+                out = fn(*args)
             timings[f"timing/{name}"] = time.perf_counter() - start
             return out
 
@@ -310,7 +336,10 @@ class Trainer:
             self.logger.write(f"step {self.step + 1}: KL to the reference {target_metrics['actor/kl_to_ref']:.4f} > "
                               f"algorithm.kl_guard.max_kl={self.kl_control.max_kl}; update skipped, learning rate "
                               f"scaled to {self.kl_control.lr_scale:.3g} of its schedule")
+        skipped_before = self.actor.skipped_steps + (self.critic.skipped_steps if self.critic is not None else 0)
         update_metrics = timed("update", self.update, rollout, targets, critic_targets, train_actor)
+        skipped = self.actor.skipped_steps + (self.critic.skipped_steps if self.critic is not None else 0)
+        self.non_finite.after_step(skipped > skipped_before, self.step + 1)
         timings["timing/step"] = time.perf_counter() - step_start
         guard = {"kl_guard/skipped_steps": float(self.kl_control.guard_skips),
                  "kl_guard/lr_scale": self.kl_control.lr_scale} if self.kl_control.max_kl > 0 else {}
@@ -359,12 +388,15 @@ class Trainer:
         if close is not None:
             close()
 
-    def run(self) -> dict[str, dict[str, float]]:
-        """Train ``trainer.total_steps`` steps; returns held-out metrics before and after.
-        ``trainer.val_every`` adds held-out evaluations during training."""
+    def run(self, checkpoints: CheckpointManager | None = None,
+            preemption: PreemptionHandler | None = None) -> dict[str, dict[str, float]]:
+        """Train up to ``trainer.total_steps`` steps (from ``self.step``, which a resume sets);
+        returns held-out metrics before (fresh runs only) and after. ``trainer.val_every`` adds
+        held-out evaluations; checkpoints are saved every ``trainer.save_every`` steps, at the end,
+        and when a preemption signal arrives (then the run stops early, without the final eval)."""
         t = self.cfg.trainer
         results: dict[str, dict[str, float]] = {}
-        if t.eval_before and self.val_examples:
+        if t.eval_before and self.val_examples and self.step == 0:
             results["before"] = self.logger.log(self.step, self.evaluate(), advance=False)
         while self.step < t.total_steps:
             metrics = self.train_step()
@@ -372,6 +404,59 @@ class Trainer:
             self.logger.log(self.step, metrics)
             if t.val_every and self.step % t.val_every == 0 and self.step < t.total_steps and self.val_examples:
                 self.logger.log(self.step, self.evaluate(), advance=False)
+            periodic = t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps
+            if checkpoints is not None and periodic:
+                self.save(checkpoints)
+            if preemption is not None and preemption.requested():
+                self.logger.write(f"step {self.step}: preemption signal received; saving and stopping")
+                if checkpoints is not None and not periodic:
+                    self.save(checkpoints)
+                results["preempted"] = {"step": float(self.step)}
+                return results
+        if checkpoints is not None and t.save_every and not _exists(checkpoints, self.step):
+            self.save(checkpoints)
         if t.eval_after and self.val_examples:
             results["after"] = self.logger.log(self.step, self.evaluate(), advance=False)
         return results
+
+
+def _exists(checkpoints: CheckpointManager, step: int) -> bool:
+    return is_complete(os.path.join(checkpoints.checkpoint_dir, step_folder_name(step)))
+
+
+class _Counters:
+    """The trainer's scalar state: step, loader position, KL control, skip counters."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        return {"step": t.step, "loader": t.loader.state_dict(), "kl_control": t.kl_control.state_dict(),
+                "actor_skipped_steps": t.actor.skipped_steps, "non_finite_in_a_row": t.non_finite.consecutive,
+                "critic_skipped_steps": t.critic.skipped_steps if t.critic is not None else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        t.step = int(state["step"])
+        t.loader.load_state_dict(state["loader"])
+        t.kl_control.load_state_dict(state["kl_control"])
+        t.actor.skipped_steps = int(state["actor_skipped_steps"])
+        t.non_finite.consecutive = int(state["non_finite_in_a_row"])
+        if t.critic is not None:
+            t.critic.skipped_steps = int(state["critic_skipped_steps"])
+
+
+class _PerRank:
+    """A component whose state differs per rank (the replay buffer): saved in per-rank files."""
+
+    per_rank = True
+
+    def __init__(self, component):
+        self.component = component
+
+    def state_dict(self) -> dict:
+        return self.component.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.component.load_state_dict(state)

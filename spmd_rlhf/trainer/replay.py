@@ -15,11 +15,14 @@ treats them as on-policy, which is the usual approximation of replay in PPO-styl
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 
 import torch
 
+from ..data.datasets import PromptExample
+from ..rollout.base import Samples
 from .groups import Rollout, concat
 
 
@@ -58,8 +61,20 @@ class GroupReplayBuffer:
         return concat(parts), count
 
     def state_dict(self) -> dict:
-        return {"groups": list(self.groups), "rng": self.rng.getstate()}
+        """Plain Python values only (lists, dicts, numbers, strings): loadable with weights_only."""
+        groups = [{"examples": [dataclasses.asdict(e) for e in g.examples], "token_ids": g.samples.token_ids,
+                   "logprobs": g.samples.logprobs, "finish_reasons": g.samples.finish_reasons,
+                   "rewards": g.rewards.tolist(),
+                   "greedy_rewards": None if g.greedy_rewards is None else g.greedy_rewards.tolist()}
+                  for g in self.groups]
+        return {"groups": groups, "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.groups = deque(state["groups"], maxlen=self.capacity)
+        groups = []
+        for g in state["groups"]:
+            examples = [PromptExample(**e) for e in g["examples"]]
+            samples = Samples(g["token_ids"], g["logprobs"], g["finish_reasons"])
+            greedy = None if g["greedy_rewards"] is None else torch.tensor(g["greedy_rewards"])
+            groups.append(Rollout(examples, samples, len(examples), torch.tensor(g["rewards"]), greedy))
+        self.groups = deque(groups, maxlen=self.capacity)
         self.rng.setstate(state["rng"])

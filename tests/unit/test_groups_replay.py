@@ -58,11 +58,13 @@ def test_replay_keeps_informative_successful_groups_and_replaces_filtered_first(
     assert mixed.samples.token_ids[6:8] == fresh.samples.token_ids[6:8]
 
 
-def test_replay_state_round_trip() -> None:
+def test_replay_state_round_trip(tmp_path) -> None:
     buffer = GroupReplayBuffer(capacity=4, min_reward=1.0, seed=3)
     buffer.add(_rollout([[0, 1], [1, 0]]))
     other = GroupReplayBuffer(capacity=4, min_reward=1.0, seed=99)
-    other.load_state_dict(buffer.state_dict())
+    path = tmp_path / "replay.pt"
+    torch.save(buffer.state_dict(), path)
+    other.load_state_dict(torch.load(path, weights_only=True))  # plain values: loads like a checkpoint's rank file
     fresh = _rollout([[0, 0], [0, 0]], tag=5)
     a, _ = buffer.mix(fresh, 1.0, [])
     b, _ = other.mix(fresh, 1.0, [])
