@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spmd_rlhf.config import LOSS_AGG_MODES, Config, validate
+from spmd_rlhf.models.heads import build_critic
+from spmd_rlhf.trainer.critic import Critic
 from spmd_rlhf.data.datasets import PromptExample
 from spmd_rlhf.data.loader import PromptLoader
 from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
@@ -36,6 +38,12 @@ ACTOR_SEED, REF_SEED = 0, 1
 # two groups with equal rewards (advantage 0: only the KL term acts on them)
 REWARDS = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 0]]
 METRICS = ("actor/grad_norm", "actor/pg_loss", "actor/kl_loss")
+# algorithm variants run on top of the loss modes: (adv_estimator, policy_loss, KL in the reward)
+VARIANTS = {"ppo": ("gae", "ppo", True), "gspo": ("grpo", "gspo", False), "rloo": ("rloo", "ppo", True),
+            "reinforce_pp": ("reinforce_pp", "ppo", True)}
+VARIANT_METRICS = {"ppo": ("actor/grad_norm", "actor/pg_loss", "critic/vf_loss", "critic/grad_norm"),
+                   "gspo": ("actor/grad_norm", "actor/pg_loss"), "rloo": ("actor/grad_norm", "actor/pg_loss"),
+                   "reinforce_pp": ("actor/grad_norm", "actor/pg_loss")}
 
 
 def fixed_rollout(vocab: int, eos: int) -> tuple[list[list[int]], list[list[list[int]]]]:
@@ -75,6 +83,8 @@ class FixedEngine:
 
 
 def make_config(mode: str, world: int) -> Config:
+    if mode in VARIANTS:
+        return variant_config(mode, world)
     cfg = Config()
     t = cfg.trainer
     t.total_steps, t.batch_size, t.mini_batch_size, t.micro_batch_size = 1, PROMPTS, MINI_BATCH, MICRO_BATCH
@@ -82,6 +92,21 @@ def make_config(mode: str, world: int) -> Config:
     cfg.rollout.n, cfg.rollout.temperature = N, 1.0
     a = cfg.algorithm
     a.loss_agg_mode, a.use_kl_loss, a.kl_coef, a.kl_estimator, a.ppo_epochs = mode, True, 0.1, "k3", 1
+    validate(cfg, world)
+    return cfg
+
+
+def variant_config(name: str, world: int) -> Config:
+    """A PPO-family variant: token-mean loss, KL either in the reward (k1, 0.1) or not at all."""
+    cfg = make_config("token-mean", world)
+    a = cfg.algorithm
+    a.adv_estimator, a.policy_loss, kl_in_reward = VARIANTS[name]
+    a.use_kl_loss, a.kl_coef = False, 0.0
+    a.kl_in_reward.enable, a.kl_in_reward.coef = kl_in_reward, 0.1
+    a.whiten_advantages = name in ("ppo", "reinforce_pp")
+    if name == "gspo":
+        a.clip_low, a.clip_high = 3e-4, 4e-4
+    cfg.critic.lr, cfg.critic.clip_range_value = 1e-3, 0.2
     validate(cfg, world)
     return cfg
 
@@ -106,7 +131,14 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
     loader = PromptLoader(examples, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)  # as train.py builds it
-    trainer = Trainer(cfg, topo, tokenizer, actor, reference, engine, {}, ZeroScorer(), loader, [], None)
+    critic = None
+    if cfg.algorithm.adv_estimator == "gae":
+        critic_model = build_critic(hf_config, topo, actor_model, head_init_std=0.02, seed=3)
+        critic_opt = torch.optim.AdamW(critic_model.parameters(), lr=cfg.critic.lr, weight_decay=0.0)
+        critic = Critic(critic_model, critic_opt, build_scheduler(critic_opt, 0, PROMPTS // MINI_BATCH), topo.dp_size,
+                        1.0, topo.device)
+    trainer = Trainer(cfg, topo, tokenizer, actor, reference, engine, {}, ZeroScorer(), loader, [], None,
+                      critic=critic)
 
     prompts = loader.next()
     rollout = trainer.generate(prompts, step=0)
@@ -116,7 +148,8 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
     return {
         "initial": initial,
         "final": full_weights(actor_model),
-        "metrics": {key: metrics[key] for key in METRICS},
+        "metrics": {key: metrics[key] for key in VARIANT_METRICS.get(mode, METRICS)},
+        "critic_final": full_weights(critic.model) if critic is not None else {},
         "optimizer_steps": scheduler.last_epoch,
         "prompts": [p.index for p in prompts],
     }
@@ -131,6 +164,7 @@ def main() -> None:
     examples = [PromptExample(ids, "fixed", "", index=i) for i, ids in enumerate(prompt_ids)]
     engine = FixedEngine({tuple(p): r for p, r in zip(prompt_ids, responses)})
     results = {mode: run_mode(mode, topo, tokenizer, hf_config, examples, engine) for mode in LOSS_AGG_MODES}
+    results.update({name: run_mode(name, topo, tokenizer, hf_config, examples, engine) for name in VARIANTS})
     if topo.is_main:
         torch.save({"world": topo.world_size, "modes": results}, out_path)
     shutdown()
