@@ -401,7 +401,7 @@ class CheckpointManager:
                                     no_dist=not self._distributed)
         except _LOAD_ERRORS as err:
             raise CheckpointError(f"saving {tmp} failed ({type(err).__name__}: {err})") from None
-        dcp_files = sorted({DCP_METADATA} | {info.relative_path for info in metadata.storage_data.values()})
+        dcp_files = _dcp_files(tmp, metadata)
         try:  # every rank checksums a share of DCP's files
             files.update({rel: _describe(tmp, rel) for rel in dcp_files[self.rank::self.world_size]})
         except OSError as err:
@@ -553,6 +553,15 @@ class CheckpointManager:
             except Exception as err:  # unpickling garbage raises almost anything
                 return f"{file} could not be loaded ({type(err).__name__}: {err}); {_hint(path)}"
         return None
+
+
+def _dcp_files(path: str, metadata: Metadata | None) -> list[str]:
+    """The files DCP wrote into ``path``: from the returned metadata where it lists them (torch
+    >= 2.13), else from the folder (torch 2.11 returns metadata without ``storage_data``; every
+    rank's files are on disk once the collective ``dcp.save`` has returned)."""
+    if metadata is not None and metadata.storage_data:
+        return sorted({DCP_METADATA} | {info.relative_path for info in metadata.storage_data.values()})
+    return sorted(name for name in os.listdir(path) if name == DCP_METADATA or name.endswith(".distcp"))
 
 
 def _write_hf(hf_dir: str, hf_config, tokenizer) -> None:
