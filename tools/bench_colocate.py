@@ -78,7 +78,7 @@ def standalone(args) -> None:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              seed=0, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              seed=0, tensor_parallel_size=args.tp, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               max_model_len=args.prompt_len + args.gen_len, enable_prefix_caching=True)
     prompts = random_prompts(args.prompts, args.prompt_len, qwen2_config(args.shape).vocab_size, seed=1)
     params = SamplingParams(n=1, temperature=1.0, max_tokens=args.gen_len, ignore_eos=True, logprobs=0,
@@ -95,7 +95,8 @@ def run_standalone(args, model_dir: str) -> dict:
     """The reference engine in a child process (plain ``python``, not under torchrun)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--standalone", "--model-dir", model_dir, "--shape", args.shape,
            "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + (["--enforce-eager"] if args.enforce_eager else [])
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--tp", str(args.tp)]
+    cmd += ["--enforce-eager"] if args.enforce_eager else []
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "GROUP_WORLD_SIZE",
                      "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
@@ -131,7 +132,14 @@ def weight_bytes(actor) -> int:
     return sum(p.numel() * 2 for p in actor.parameters())  # bf16 in the engine
 
 
-def sync(engine, actor, topo, path: str) -> float:
+def counted(stream, box: list[int]):
+    """Pass buckets through, adding the bytes this rank received to ``box[0]``."""
+    for bucket in stream:
+        box[0] += sum(t.numel() * t.element_size() for _, t in bucket)
+        yield bucket
+
+
+def sync(engine, actor, topo, path: str, received: list[int] | None = None) -> float:
     from spmd_rlhf.distributed.reshard import full_tensor_stream, reshard_stream
     from spmd_rlhf.rollout.build import sync_shard_dims
 
@@ -141,7 +149,7 @@ def sync(engine, actor, topo, path: str) -> float:
         stream = full_tensor_stream(actor.named_parameters(), 256 * 2**20, dtype=torch.bfloat16)
     else:
         stream = reshard_stream(actor.named_parameters(), dims, topo.reshard_mesh, 256 * 2**20, dtype=torch.bfloat16)
-    _, seconds = timed(engine.load_weights, stream)
+    _, seconds = timed(engine.load_weights, counted(stream, received if received is not None else [0]))
     return seconds
 
 
@@ -164,7 +172,14 @@ def sync_figures(args, topo, actor, engine, engine_gib) -> dict:
     out["sync_dtensor_ms_per_gb"] = 1e3 * out["sync_dtensor_s"] / gb
     model = compat.driver_model(engine.llm)
     dtensor_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out["sync_full_s"] = sync(engine, actor, topo, "full")
+    dtensor_bytes, full_bytes = [0], [0]
+    sync(engine, actor, topo, "dtensor", dtensor_bytes)
+    out["sync_full_s"] = sync(engine, actor, topo, "full", full_bytes)
+    per_rank = torch.tensor([dtensor_bytes[0], full_bytes[0]], dtype=torch.float64, device=topo.device)
+    gathered = [torch.zeros_like(per_rank) for _ in range(topo.world_size)]
+    dist.all_gather(gathered, per_rank)
+    out["received_bytes_per_rank"] = {"dtensor": [float(g[0]) for g in gathered],
+                                      "full": [float(g[1]) for g in gathered]}
     identical = all(torch.equal(p, dtensor_weights[n]) for n, p in model.named_parameters())
     flag = torch.tensor([int(identical)], device=topo.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -263,6 +278,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--standalone", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.standalone:
         return standalone(args)
@@ -276,7 +292,10 @@ def main() -> None:
     hf_config.save_pretrained(model_dir)
     result: dict = {"shape": args.shape, "world_size": world, "device": torch.cuda.get_device_name(),
                     "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
-    if "standalone" not in skip and world == 1 and "throughput" not in skip:
+    args.tp = world
+    if "standalone" not in skip and "throughput" not in skip and int(os.environ.get("RANK", "0")) == 0:
+        # rank 0 runs the reference on all the job's GPUs (tp = world) before the process group
+        # starts; the other ranks wait for it in init_distributed
         say("stand-alone vLLM ...")
         result["standalone"] = run_standalone(args, model_dir)
         say("stand-alone", result["standalone"])
