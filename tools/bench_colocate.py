@@ -77,8 +77,11 @@ def standalone(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    extra = {}
+    if args.standalone_async in ("on", "off"):
+        extra["async_scheduling"] = args.standalone_async == "on"
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              seed=0, tensor_parallel_size=args.tp, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              seed=0, tensor_parallel_size=args.tp, **extra, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               max_model_len=args.prompt_len + args.gen_len, enable_prefix_caching=True)
     prompts = random_prompts(args.prompts, args.prompt_len, qwen2_config(args.shape).vocab_size, seed=1)
     params = SamplingParams(n=1, temperature=1.0, max_tokens=args.gen_len, ignore_eos=True, logprobs=0,
@@ -87,15 +90,24 @@ def standalone(args) -> None:
     llm.generate(requests[:8], params, use_tqdm=False)  # warm-up
     outputs, seconds = timed(llm.generate, requests, params)
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print("STANDALONE " + json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}),
-          flush=True)
+    print("STANDALONE " + json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                                      "async_scheduling": _async_scheduling(llm)}), flush=True)
+
+
+def _async_scheduling(llm):
+    """Whether vLLM chose to overlap scheduling with the GPU (None where this version does not say)."""
+    try:
+        return llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    except AttributeError:
+        return None
 
 
 def run_standalone(args, model_dir: str) -> dict:
     """The reference engine in a child process (plain ``python``, not under torchrun)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--standalone", "--model-dir", model_dir, "--shape", args.shape,
            "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--tp", str(args.tp)]
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--tp", str(args.tp),
+           "--standalone-async", args.standalone_async]
     cmd += ["--enforce-eager"] if args.enforce_eager else []
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "GROUP_WORLD_SIZE",
                      "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE")
@@ -279,6 +291,8 @@ def main() -> None:
     parser.add_argument("--standalone", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--standalone-async", default="auto", choices=["auto", "on", "off"],
+                        help="async scheduling of the stand-alone reference (auto: vLLM's choice)")
     args = parser.parse_args()
     if args.standalone:
         return standalone(args)
@@ -306,6 +320,7 @@ def main() -> None:
     say("sync", result["sync"])
     if "throughput" not in skip:
         result["colocated"] = throughput(args, engine, hf_config)
+        result["colocated"]["async_scheduling"] = _async_scheduling(engine.llm)
         say("colocated", result["colocated"])
         if "standalone" in result:
             result["rollout_vs_standalone"] = result["colocated"]["tokens_per_s"] / result["standalone"]["tokens_per_s"]
