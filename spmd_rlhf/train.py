@@ -35,7 +35,7 @@ from .rewards.registry import RewardScorer
 from .rollout.build import build_engine, sync_shard_dims
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
-from .trainer.checkpoint import CheckpointManager
+from .trainer.checkpoint import CheckpointError, CheckpointManager
 from .trainer.preemption import PreemptionHandler
 from .trainer.critic import Critic
 from .trainer.loop import Trainer
@@ -200,9 +200,24 @@ def report(results: dict[str, dict[str, float]], logger: MetricsLogger) -> None:
     logger.write("\n".join(lines))
 
 
+def check_torchrun_restart(environ=os.environ) -> None:
+    """Refuse a torchrun restart that would hang. torchrun's agent shares its rendezvous store with
+    the workers (static rendezvous always; c10d unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); the
+    process group of restarted workers then reads the previous attempt's addresses from that store
+    and waits for them until ``distributed.timeout_s`` (torch 2.13, pytorch/pytorch#135712)."""
+    restarts = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError(
+            f"torchrun restarted the workers (restart {restarts}) with its rendezvous store shared with them, where "
+            "the new process group would hang on the previous attempt's addresses; for --max-restarts launch "
+            "torchrun with --rdzv-backend c10d --rdzv-endpoint HOST:PORT and the environment variable "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store for every restart)")
+
+
 def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str, dict[str, float]]:
     env = read_launch_env()
     try:  # every user error surfaces here, before any process group or model exists
+        check_torchrun_restart()
         validate(cfg, env.world_size)
         tokenizer = load_tokenizer(cfg)
         train, val = load_data(cfg, tokenizer)
@@ -248,9 +263,10 @@ def main(dcfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         run(cfg, run_dir, OmegaConf.to_container(dcfg, resolve=True))
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:  # a damaged or foreign checkpoint: every rank agrees on it too
         if read_launch_env().rank == 0:
-            print(f"spmd_rlhf: configuration error: {err}", file=sys.stderr, flush=True)
+            kind = "checkpoint error" if isinstance(err, CheckpointError) else "configuration error"
+            print(f"spmd_rlhf: {kind}: {err}", file=sys.stderr, flush=True)
         else:
             # Every rank reaches the same verdict, but a launcher ends the job as soon as one rank
             # exits: give rank 0 time to print first (its exit usually ends this rank sooner).

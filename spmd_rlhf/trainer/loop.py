@@ -425,7 +425,8 @@ def _exists(checkpoints: CheckpointManager, step: int) -> bool:
 
 
 class _Counters:
-    """The trainer's scalar state: step, loader position, KL control, skip counters."""
+    """The trainer's scalar state: step, loader position, KL control, skip counters, and the
+    engine's weight version (logged as ``rollout/weight_version``; a resumed run continues it)."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -434,7 +435,8 @@ class _Counters:
         t = self.trainer
         return {"step": t.step, "loader": t.loader.state_dict(), "kl_control": t.kl_control.state_dict(),
                 "actor_skipped_steps": t.actor.skipped_steps, "non_finite_in_a_row": t.non_finite.consecutive,
-                "critic_skipped_steps": t.critic.skipped_steps if t.critic is not None else 0}
+                "critic_skipped_steps": t.critic.skipped_steps if t.critic is not None else 0,
+                "engine_weight_version": getattr(t.engine, "weight_version", 0)}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
@@ -445,6 +447,8 @@ class _Counters:
         t.non_finite.consecutive = int(state["non_finite_in_a_row"])
         if t.critic is not None:
             t.critic.skipped_steps = int(state["critic_skipped_steps"])
+        if hasattr(t.engine, "weight_version"):
+            t.engine.weight_version = int(state["engine_weight_version"])
 
 
 class _PerRank:
