@@ -5,7 +5,10 @@
 #   NNODES=4 NODE_RANK=$i MASTER_ADDR=host0 launch/torchrun.sh ...                          # static ranks
 # Environment (all optional): NPROC (ranks per node; default: GPUs, or 2 on CPU), NNODES, RDZV_ENDPOINT,
 # RDZV_ID (default spmd_rlhf: the same on every node), RDZV_BACKEND (c10d), NODE_RANK, MASTER_ADDR,
-# MASTER_PORT (29500), PYTHON (python3), DRY_RUN=1 (print the command instead of running it).
+# MASTER_PORT (29500), PYTHON (python3), DRY_RUN=1 (print the command instead of running it),
+# MAX_RESTARTS (default 0): restart all workers after a failure; pair it with trainer.resume=auto and a
+# fixed trainer.checkpoint_dir. Restarts need a c10d rendezvous (--standalone or RDZV_ENDPOINT) and
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (set here), or the restarted workers hang on a stale store.
 # Everything after the script name goes to `python -m spmd_rlhf.train` (Hydra overrides).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -26,6 +29,14 @@ elif [ "$NNODES" -gt 1 ]; then
              --master-port "${MASTER_PORT:-29500}")
 else
   launcher+=(--standalone)
+fi
+if [ "${MAX_RESTARTS:-0}" -gt 0 ]; then
+  if [ "$NNODES" -gt 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+    echo "torchrun.sh: MAX_RESTARTS needs a c10d rendezvous across nodes: set RDZV_ENDPOINT=host:port" >&2
+    exit 2
+  fi
+  launcher+=(--max-restarts "$MAX_RESTARTS")
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 fi
 
 cmd=("$PYTHON" -m torch.distributed.run "${launcher[@]}" -m spmd_rlhf.train "$@")

@@ -372,7 +372,7 @@ class Trainer:
         sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, n=1, temperature=r.val_temperature,
                                   top_p=r.top_p if r.val_temperature > 0 else 1.0,
                                   top_k=r.top_k if r.val_temperature > 0 else 0, seed=r.seed + 17)
-        with self.actor_offloaded():
+        with self.actor_offloaded(), oom_hint("eval"):
             metrics = evaluate(self.engine, self.tokenizer, self.scorer, self.val_examples, sampling, self.topo)
             self.engine.sleep()
         return metrics
