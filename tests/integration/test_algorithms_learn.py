@@ -35,7 +35,9 @@ def test_algorithm_learns(tmp_path, algorithm):
     assert len(steps) == STEPS
     if algorithm == "ppo":
         assert all("critic/vf_loss" in r for r in steps)
-        assert steps[-1]["critic/vf_loss"] < steps[0]["critic/vf_loss"], "the critic learns its returns"
+        # the zero-initialised head starts at V = 0; a learning critic's mean value follows the returns
+        gap = [abs(r["critic/values_mean"] - r["critic/returns_mean"]) for r in steps]
+        assert sum(gap[-10:]) / 10 < 0.5 * gap[0], f"the critic does not follow its returns: {gap[0]:.3f} -> {gap[-10:]}"
     if algorithm == "dapo":
         assert all(r["rollout/dynamic_sampling/rounds"] >= 1 for r in steps)
         assert any(r["rollout/dynamic_sampling/rounds"] > 1 for r in steps), "no group was ever dropped"
