@@ -245,6 +245,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger, resuming=resume_path is not None)
         if resume_path is not None:
             info = checkpoints.load(resume_path, trainer.checkpoint_state())
+            trainer.saved_step = info.step
             logger.write(f"spmd_rlhf: resumed from {info.path} (step {info.step}, saved by {info.world_size} ranks)")
         with PreemptionHandler() as preemption:
             results = trainer.run(checkpoints, preemption)

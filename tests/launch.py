@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -50,3 +51,25 @@ def torchrun(
             f"torchrun exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def world_of_one():
+    """A 1-rank gloo world in this process (yields its Topology); torn down, and the launcher's
+    environment restored, on exit."""
+    from spmd_rlhf.distributed.topology import init_distributed, shutdown
+
+    saved = {key: os.environ.get(key) for key in LAUNCH_VARS}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        yield init_distributed(1, 1, 60)
+    finally:
+        shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

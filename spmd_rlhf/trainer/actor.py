@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -27,6 +26,7 @@ from ..algorithms.losses import (
 )
 from ..config import AlgorithmConfig
 from ..data.batch import TokenBatch, micro_batches
+from ..distributed.comm import all_reduce_floats
 
 
 @dataclass
@@ -43,12 +43,6 @@ class PolicyTargets:
             return None if t is None else t[rows, :length]
 
         return PolicyTargets(cut(self.advantages_BT), cut(self.old_logprobs_BT), cut(self.ref_logprobs_BT), cut(self.is_weights_BT))
-
-
-def all_reduce_sum(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor.item())
 
 
 def token_logits(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
@@ -122,8 +116,8 @@ class Actor:
         is the divisor of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO)."""
         self.model.train()
         # at least 1: a mini-batch whose every group was filtered out contributes zero loss, not NaN
-        num_tokens = max(all_reduce_sum(float(batch.loss_mask_BT.sum()), self.device), 1.0)
-        num_seqs = all_reduce_sum(float(batch.size), self.device)
+        num_tokens, num_seqs = all_reduce_floats([float(batch.loss_mask_BT.sum()), float(batch.size)])
+        num_tokens = max(num_tokens, 1.0)
         totals: dict[str, float] = {}
         for rows in micro_batches(batch.size, micro_batch_size):
             micro = batch.select(rows)
@@ -138,18 +132,12 @@ class Actor:
         return self._finish_step(totals)
 
     def _finish_step(self, totals: dict[str, float]) -> dict[str, float]:
-        grad_norm = clip_grad_norm(self.model, self.grad_clip)
         tokens = max(totals.pop("_tokens"), 1.0)
         metrics = {k: (v / tokens if k not in ("actor/pg_loss", "actor/kl_loss") else v) for k, v in totals.items()}
-        metrics["actor/grad_norm"] = grad_norm
-        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            self.skipped_steps += 1
+        metrics["actor/grad_norm"], metrics["actor/lr"], stepped = optimizer_step(
+            self.model, self.optimizer, self.scheduler, self.grad_clip)
+        self.skipped_steps += not stepped
         metrics["actor/skipped_steps"] = float(self.skipped_steps)
-        self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
 
@@ -159,6 +147,19 @@ def _to(targets: PolicyTargets, device: torch.device) -> PolicyTargets:
 
     return PolicyTargets(move(targets.advantages_BT), move(targets.old_logprobs_BT), move(targets.ref_logprobs_BT),
                          move(targets.is_weights_BT))
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> tuple[float, float, bool]:
+    """Clip, then step optimizer and schedule unless the gradient norm is non-finite (the step is
+    skipped); gradients are cleared either way. Returns (grad norm, lr of this step, stepped)."""
+    grad_norm = clip_grad_norm(model, grad_clip)
+    lr = scheduler.get_last_lr()[0]
+    stepped = math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr, stepped
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

@@ -13,14 +13,14 @@ weights on any number of ranks up to float summation order.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 
 from ..algorithms.losses import value_loss
 from ..data.batch import TokenBatch, micro_batches
-from .actor import all_reduce_sum, clip_grad_norm
+from ..distributed.comm import all_reduce_floats
+from .actor import optimizer_step
 
 
 def token_values(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -68,8 +68,8 @@ class Critic:
         assert old_values_BT.shape == returns_BT.shape == batch.loss_mask_BT.shape
         self.model.train()
         # at least 1: a mini-batch with no response token contributes zero loss, not NaN
-        num_tokens = max(all_reduce_sum(float(batch.loss_mask_BT.sum()), self.device), 1.0)
-        num_seqs = all_reduce_sum(float(batch.size), self.device)
+        num_tokens, num_seqs = all_reduce_floats([float(batch.loss_mask_BT.sum()), float(batch.size)])
+        num_tokens = max(num_tokens, 1.0)
         totals: dict[str, float] = {"critic/vf_loss": 0.0}
         tokens = 0.0
         for rows in micro_batches(batch.size, micro_batch_size):
@@ -88,14 +88,8 @@ class Critic:
         return self._finish_step(metrics)
 
     def _finish_step(self, metrics: dict[str, float]) -> dict[str, float]:
-        grad_norm = clip_grad_norm(self.model, self.grad_clip)
-        metrics["critic/grad_norm"] = grad_norm
-        metrics["critic/lr"] = self.scheduler.get_last_lr()[0]
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            self.skipped_steps += 1
+        metrics["critic/grad_norm"], metrics["critic/lr"], stepped = optimizer_step(
+            self.model, self.optimizer, self.scheduler, self.grad_clip)
+        self.skipped_steps += not stepped
         metrics["critic/skipped_steps"] = float(self.skipped_steps)
-        self.optimizer.zero_grad(set_to_none=True)
         return metrics

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ..algorithms.advantages import (
     broadcast_to_tokens,
@@ -23,6 +22,7 @@ from ..algorithms.advantages import (
     rloo_advantages,
 )
 from ..config import AlgorithmConfig
+from ..distributed.comm import all_reduce_floats
 
 
 @dataclass
@@ -33,10 +33,8 @@ class Advantages:
 
 def global_whiten(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """``masked_whiten`` with mean and variance over every rank's valid tokens."""
-    moments = torch.stack([m.to(torch.float64) for m in masked_moments(values_BT, mask_BT)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(moments)
-    return masked_whiten(values_BT, mask_BT, moments=tuple(moments.unbind()))
+    moments = all_reduce_floats([float(m) for m in masked_moments(values_BT, mask_BT)])
+    return masked_whiten(values_BT, mask_BT, moments=tuple(torch.tensor(m, dtype=torch.float64) for m in moments))
 
 
 def compute_advantages(algo: AlgorithmConfig, token_rewards_BT: torch.Tensor, mask_BT: torch.Tensor, n: int,

@@ -11,19 +11,11 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from ..algorithms.losses import masked_sum
 from ..config import AlgorithmConfig
-
-
-def global_mean(values: list[float]) -> list[float]:
-    """Element-wise sums over ranks of ``values`` (a tiny all-reduce); callers divide."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+from ..distributed.comm import all_reduce_floats
 
 
 class KLControl:
@@ -55,7 +47,7 @@ class KLControl:
         """Update the adaptive coefficient with this step's per-sequence KL; returns metrics."""
         if self.reward_controller is None:
             return {}
-        seq_kl_sum, seqs = global_mean([float(masked_sum(kl_BT, mask_BT)), float(kl_BT.shape[0])])
+        seq_kl_sum, seqs = all_reduce_floats([float(masked_sum(kl_BT, mask_BT)), float(kl_BT.shape[0])])
         current = seq_kl_sum / max(seqs, 1.0)
         coef = self.coef
         self.reward_controller.update(current, int(seqs))
@@ -63,7 +55,7 @@ class KLControl:
 
     def measured_kl(self, old_BT: torch.Tensor, ref_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
         """Mean per-token k3 KL to the reference over every rank's response tokens."""
-        total, count = global_mean([float(masked_sum(kl_penalty(old_BT, ref_BT, "k3"), mask_BT)),
+        total, count = all_reduce_floats([float(masked_sum(kl_penalty(old_BT, ref_BT, "k3"), mask_BT)),
                                     float(mask_BT.sum())])
         return total / max(count, 1.0)
 

@@ -11,7 +11,6 @@ rank holds the same number of sequences (collectives stay in step).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from ..config import Config
 from ..data.batch import response_tensor
 from ..data.datasets import PromptExample
 from ..data.loader import PromptLoader
+from ..distributed.comm import all_reduce_floats
 from ..distributed.reshard import full_tensor_stream, reshard_stream
 from ..distributed.topology import Topology
 from ..rewards.registry import RewardScorer
@@ -36,7 +36,7 @@ from .groups import Rollout, concat
 from .kl_control import KLControl
 from .metrics import MetricsLogger
 from .offload import ActorOffload
-from .checkpoint import CheckpointManager, ModelOptimizerState, RNGState, is_complete, step_folder_name
+from .checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from .faults import NonFiniteGuard, oom_hint
 from .preemption import PreemptionHandler
 from .replay import GroupReplayBuffer
@@ -97,6 +97,7 @@ class Trainer:
             self.replay = GroupReplayBuffer(f.replay_capacity, f.replay_min_reward, cfg.trainer.seed + 31 * topo.rank)
         self.non_finite = NonFiniteGuard(cfg.trainer.max_consecutive_skips)
         self.step = 0
+        self.saved_step: int | None = None  # step of the last checkpoint this process wrote
 
     # --- state ------------------------------------------------------------------------------
 
@@ -115,6 +116,7 @@ class Trainer:
     def save(self, checkpoints: CheckpointManager) -> str:
         path = checkpoints.save(self.step, self.checkpoint_state(), hf_config=self.actor.model.config,
                                 tokenizer=self.tokenizer)
+        self.saved_step = self.step
         self.logger.write(f"step {self.step}: checkpoint {path}")
         return path
 
@@ -204,7 +206,7 @@ class Trainer:
             kept.append(part.groups([g for g in range(part.num_groups) if keep[g]]))
             dropped.append(part.groups([g for g in range(part.num_groups) if not keep[g]]))
             have = sum(p.num_groups for p in kept)
-            shortest = self._min_over_ranks(have)
+            (shortest,) = all_reduce_floats([float(have)], op=dist.ReduceOp.MIN)
             if shortest >= quota or rounds >= ds.max_rounds:
                 break
             part = self.generate(self.loader.next(), self.step, rounds)
@@ -216,12 +218,6 @@ class Trainer:
                                                                                .float().mean()),
                            "rollout/dynamic_sampling/num_filled_groups": float(filled)}
         return rollout
-
-    def _min_over_ranks(self, value: int) -> int:
-        tensor = torch.tensor([value], dtype=torch.int64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return int(tensor.item())
 
     def filter_and_replay(self, rollout: Rollout) -> tuple[Rollout, list[int], dict[str, float]]:
         """Reward-variance filter and replay: returns the rollout (some groups possibly swapped
@@ -413,15 +409,11 @@ class Trainer:
                     self.save(checkpoints)
                 results["preempted"] = {"step": float(self.step)}
                 return results
-        if checkpoints is not None and t.save_every and not _exists(checkpoints, self.step):
+        if checkpoints is not None and t.save_every and self.saved_step != self.step:
             self.save(checkpoints)
         if t.eval_after and self.val_examples:
             results["after"] = self.logger.log(self.step, self.evaluate(), advance=False)
         return results
-
-
-def _exists(checkpoints: CheckpointManager, step: int) -> bool:
-    return is_complete(os.path.join(checkpoints.checkpoint_dir, step_folder_name(step)))
 
 
 class _Counters:

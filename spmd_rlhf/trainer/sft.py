@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..algorithms.losses import logprobs_from_logits, masked_sum
 from ..config import SFTWarmupConfig
 from ..data.batch import collate
-from .actor import all_reduce_sum, clip_grad_norm, token_logits
+from ..distributed.comm import all_reduce_floats
+from .actor import clip_grad_norm, token_logits
 from .schedule import build_scheduler
 
 
@@ -41,7 +41,7 @@ def sft_warm_start(
         base = step * cfg.batch_size + rank * per_rank
         rows = demos[base : base + per_rank]
         batch = collate([p for p, _ in rows], [a for _, a in rows], pad_id).to(device)
-        global_tokens = all_reduce_sum(float(batch.loss_mask_BT.sum()), device)
+        (global_tokens,) = all_reduce_floats([float(batch.loss_mask_BT.sum())])
         logprobs = logprobs_from_logits(token_logits(model, batch, 1.0), batch.input_ids_BT[:, 1:])
         loss = -masked_sum(logprobs, batch.loss_mask_BT) / global_tokens
         (loss * world_size).backward()
@@ -50,19 +50,10 @@ def sft_warm_start(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    losses = _sum_over_ranks(losses, device)
+    losses = all_reduce_floats(losses)  # each rank holds its part of every step's global-mean loss
     return {
         "sft/steps": float(cfg.steps),
         "sft/loss_first": losses[0] if losses else 0.0,
         "sft/loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "timing/sft": time.perf_counter() - start,
     }
-
-
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Each rank holds its part of every step's global-mean loss; one all-reduce adds them."""
-    if not values:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()

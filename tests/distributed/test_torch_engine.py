@@ -7,37 +7,25 @@ syncs an FSDP2 actor into tp=2 and tp=1 engines and compares them token for toke
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from spmd_rlhf.distributed.topology import init_distributed, shutdown
 from spmd_rlhf.models.tp_plan import apply_tensor_parallel, param_shard_dims, replicated_dims
 from spmd_rlhf.rollout.base import RolloutEngine, SamplingConfig
 from spmd_rlhf.rollout.torch_engine import TorchEngine, sample_tokens
 from tests.distributed.workers.tiny import ARCHS, hf_logprobs, random_prompts, tiny_config, tiny_model
-from tests.launch import REPO_ROOT, free_port, torchrun
+from tests.launch import REPO_ROOT, torchrun, world_of_one
 
 WORKER = REPO_ROOT / "tests" / "distributed" / "workers" / "engine_worker.py"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
 def topology():
     """A 1-rank gloo world in this process, torn down (and the environment restored) after."""
-    saved = {key: os.environ.get(key) for key in LAUNCH_VARS}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
-        yield init_distributed(1, 1, 60)
-    finally:
-        shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with world_of_one() as topo:
+        yield topo
 
 
 def make_engine(topology, model, eos: list[int], max_batch_size: int = 256) -> TorchEngine:

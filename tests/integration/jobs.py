@@ -1,6 +1,6 @@
-"""Training jobs that a test starts, watches and kills: torchrun in its own session, its metrics
-records and checkpoints. torchrun starts every worker in a session of its own, so killing the job
-means the agent's process group and each worker's."""
+"""Training jobs that a test starts, watches and kills: torchrun as the leader of its own process
+group, its metrics records and checkpoints. torchrun puts every worker in a process group of its
+own (setsid), so killing the job means the agent's process group and each worker's."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def torchrun_cmd(args: list[str], nproc: int, max_restarts: int = 0, c10d: bool 
 
 
 class Job:
-    """``torchrun ... -m spmd_rlhf.train OVERRIDES`` in a new session, output to ``log``.
+    """``torchrun ... -m spmd_rlhf.train OVERRIDES`` as a new process-group leader, output to ``log``.
 
     ``max_restarts > 0``: torchrun restarts failed workers. Its agent shares its rendezvous store
     with the workers by default, and a restarted process group then reads the previous attempt's

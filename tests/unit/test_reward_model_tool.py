@@ -19,15 +19,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from spmd_rlhf.data.batch import collate
-from spmd_rlhf.distributed.topology import init_distributed, shutdown
 from spmd_rlhf.models.heads import check_model_dir, load_reward_model
 from spmd_rlhf.rewards.model import RewardModel
 from spmd_rlhf.tasks.arithmetic import AdditionTask, add_without_carry, build_tokenizer
-from tests.launch import REPO_ROOT, free_port
+from tests.launch import REPO_ROOT, world_of_one
 
 TOOL = REPO_ROOT / "tools" / "train_reward_model.py"
 MIN_ACCURACY = 0.9  # seed 0 reaches 0.98; an untrained model scores about 0.5 (checked below)
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def load_tool():
@@ -51,17 +49,8 @@ def trained(tool, tmp_path_factory):
 @pytest.fixture(scope="module")
 def topology():
     """A 1-rank gloo world in this process, torn down (and the environment restored) after."""
-    saved = {key: os.environ.get(key) for key in LAUNCH_VARS}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
-        yield init_distributed(1, 1, 60)
-    finally:
-        shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with world_of_one() as topo:
+        yield topo
 
 
 def test_heldout_accuracy_clears_the_bound_an_untrained_model_does_not(tool, trained):

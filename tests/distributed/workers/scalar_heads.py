@@ -7,6 +7,7 @@ from transformers import AutoModelForSequenceClassification
 
 from spmd_rlhf.data.batch import TokenBatch, collate
 from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
+from tests.distributed.workers.tiny import spread_weights
 
 ROWS = 8  # global rows of the fixed batch
 
@@ -23,13 +24,7 @@ def save_random_reward_model(path: str, pad_is_eos: bool = False, seed: int = 0)
     config = tiny_config(build_tokenizer().eos_token_id if pad_is_eos else None)
     config.num_labels = 1
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.3)
+    model = spread_weights(AutoModelForSequenceClassification.from_config(config, dtype=torch.float32))
     model.save_pretrained(path, safe_serialization=True)
 
 
