@@ -1,0 +1,35 @@
+"""Model FLOPs and MFU (trainer/flops.py), against counts made by hand."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import Qwen2Config
+
+from spmd_rlhf.trainer.flops import FlopsModel, flops_model, mfu, peak_flops
+
+
+def test_counts_of_a_small_qwen2_by_hand():
+    # hidden 8, 2 heads of 4 (q: 8x8, o: 8x8), 1 kv head (k, v: 8x4 each), mlp 16, 3 layers, vocab 10
+    config = Qwen2Config(hidden_size=8, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=10)
+    model = flops_model(config)
+    per_layer = 64 + 64 + 32 + 32 + 3 * 8 * 16  # q, o, k, v, gate/up/down = 576
+    assert model == FlopsModel(body_params=3 * per_layer, head_params=80, layers=3, attn_width=8)
+
+
+def test_forward_and_train_flops_by_hand():
+    model = FlopsModel(body_params=100, head_params=10, layers=2, attn_width=4)
+    # two sequences of 3 and 5 tokens, 2 and 4 of them scored:
+    # 2*100*8 + 2*10*6 + 2*2*4*(9 + 25) = 1600 + 120 + 544
+    assert model.forward([3, 5], [2, 4]) == 2264.0
+    assert model.train([3, 5], [2, 4]) == 3 * 2264.0
+
+
+def test_peak_table_override_and_mfu():
+    assert peak_flops("NVIDIA H200") == pytest.approx(989.4e12)
+    assert peak_flops("NVIDIA GH200 480GB") == pytest.approx(989.4e12)
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == pytest.approx(312e12)
+    assert peak_flops("cpu") is None
+    assert peak_flops("cpu", override_tflops=2.0) == 2e12
+    assert mfu(4e12, 2.0, 4e12) == 0.5
+    assert mfu(4e12, 2.0, None) is None
