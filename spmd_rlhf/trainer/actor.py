@@ -1,152 +1,163 @@
-"""The actor: an FSDP2 policy with its optimizer, scored and updated on padded token batches.
+"""The actor: an FSDP2 policy with its optimizer, scored and updated on token batches.
 
 Gradients are exact across world sizes: every loss is normalised by GLOBAL counts (tokens or
 sequences of the whole mini-batch, summed over ranks) and multiplied by the data-parallel size,
 which FSDP's gradient averaging divides back out. One step from the same batch therefore gives
 the same weights on 1, 2 or 4 ranks, up to float summation order.
+
+Speed: log-probs and entropies come from the chunked lm_head of ``models/logprobs.py`` at
+response positions only (no full-vocabulary fp32 logits); micro-batches are padded rows or, with
+``trainer.max_tokens_per_micro_batch``, packed sequences (``micro.py``); a batch moves to the
+device once and per-micro-batch metrics stay there, read once per optimizer step. On-policy (one
+epoch, one mini-batch) the old log-probs are the update's own, detached: ``PolicyTargets`` then
+carries ``old_logprobs_BT=None`` and the engine's log-probs, and the update computes truncated
+importance weights and the engine/actor mismatch itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from ..algorithms.correction import mismatch_sums, truncated_is_weights
 from ..algorithms.kl import kl_penalty
-from ..algorithms.losses import (
-    aggregate_loss,
-    entropy_from_logits,
-    gspo_policy_loss,
-    logprobs_from_logits,
-    masked_sum,
-    policy_loss,
-)
+from ..algorithms.losses import aggregate_loss, gspo_policy_loss, masked_sum, policy_loss
 from ..config import AlgorithmConfig
-from ..data.batch import TokenBatch, micro_batches
+from ..data.batch import TokenBatch
 from ..distributed.comm import all_reduce_floats
+from .micro import MicroBatcher, micro_logprobs
 
 
 @dataclass
 class PolicyTargets:
-    """What the update needs beyond the tokens, aligned with ``TokenBatch.loss_mask_BT``."""
+    """What the update needs beyond the tokens, aligned with ``TokenBatch.loss_mask_BT``.
+
+    ``old_logprobs_BT=None`` means on-policy: the update's own log-probs (detached) are the old
+    ones, and ``engine_logprobs_BT`` with ``tis_cap`` give the rollout correction in the update.
+    """
 
     advantages_BT: torch.Tensor
-    old_logprobs_BT: torch.Tensor
+    old_logprobs_BT: torch.Tensor | None
     ref_logprobs_BT: torch.Tensor | None = None
     is_weights_BT: torch.Tensor | None = None
+    engine_logprobs_BT: torch.Tensor | None = None
+    tis_cap: float = 0.0
 
-    def select(self, rows: slice, length: int) -> PolicyTargets:
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[rows, :length]
+    def _map(self, fn) -> PolicyTargets:
+        tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name.endswith("_BT")}
+        return replace(self, **{k: v for k, v in tensors.items()})
 
-        return PolicyTargets(cut(self.advantages_BT), cut(self.old_logprobs_BT), cut(self.ref_logprobs_BT), cut(self.is_weights_BT))
+    def select(self, rows, length: int) -> PolicyTargets:
+        return self._map(lambda t: None if t is None else t[rows, :length])
 
-
-def token_logits(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
-    """Logits at every position that predicts a next token, divided by the sampling temperature."""
-    out = model(
-        input_ids=batch.input_ids_BT,
-        attention_mask=batch.attention_mask_BT,
-        position_ids=batch.position_ids_BT,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1].float()
-    return logits / temperature if temperature not in (0.0, 1.0) else logits
+    def to(self, device: torch.device) -> PolicyTargets:
+        return self._map(lambda t: None if t is None else t.to(device, non_blocking=True))
 
 
 class Actor:
-    def __init__(self, model, optimizer, scheduler, dp_size: int, grad_clip: float, device: torch.device):
+    def __init__(self, model, optimizer, scheduler, dp_size: int, grad_clip: float, device: torch.device,
+                 batcher: MicroBatcher | None = None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.dp_size = dp_size
         self.grad_clip = grad_clip
         self.device = device
+        self.batcher = batcher or MicroBatcher()
         self.skipped_steps = 0
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float, model=None) -> torch.Tensor:
-        """Per-token logprobs ``[B, T-1]`` of ``batch`` under ``model`` (default: the actor)."""
+        """Per-token logprobs ``[B, T-1]`` (CPU, fp32, 0 off the loss mask) of ``batch`` under
+        ``model`` (default: the actor)."""
         model = model or self.model
-        out = torch.zeros_like(batch.loss_mask_BT)
-        for rows in micro_batches(batch.size, micro_batch_size):
-            micro = batch.select(rows).to(self.device)
-            logits = token_logits(model, micro, temperature)
-            lp = logprobs_from_logits(logits, micro.input_ids_BT[:, 1:])
-            out[rows, : lp.shape[1]] = lp.cpu() * micro.loss_mask_BT.cpu()
+        self.batcher.prepare(model)
+        device_batch = self.batcher.to_device(batch, self.device)
+        out_BT = torch.zeros(batch.loss_mask_BT.shape, dtype=torch.float32, device=self.device)
+        for micro in self.batcher.plan(batch, micro_batch_size, self.device):
+            logprobs_BT, _ = micro_logprobs(model, micro, device_batch, temperature, self.batcher.chunk_tokens)
+            out_BT[micro.rows, : micro.width] = logprobs_BT
         if isinstance(model, FSDPModule):
             # FSDP2 keeps the root's parameters gathered after a forward that no backward follows:
             # free them (memory) and give the weight sync its sharded DTensors back.
             model.reshard()
-        return out
+        return out_BT.cpu()
 
-    def _micro_loss(self, micro: TokenBatch, targets: PolicyTargets, algo: AlgorithmConfig, temperature: float,
-                    num_tokens: float, num_seqs: float,
-                    norm_constant: float | None) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = token_logits(self.model, micro, temperature)
-        mask = micro.loss_mask_BT
-        logprobs = logprobs_from_logits(logits, micro.input_ids_BT[:, 1:])
-        agg = dict(mode=algo.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=norm_constant)
-        args = (logprobs, targets.old_logprobs_BT, targets.advantages_BT, mask, algo.clip_low, algo.clip_high,
-                algo.loss_agg_mode, num_tokens, num_seqs, targets.is_weights_BT)
+    def _micro_loss(self, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor | None, mask_BT: torch.Tensor,
+                    targets: PolicyTargets, algo: AlgorithmConfig, agg: dict) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's loss and its metrics as 0-dim device tensors (summed over tokens, or
+        already global for the losses); nothing here waits for the device."""
+        old_BT, is_weights_BT, stats = targets.old_logprobs_BT, targets.is_weights_BT, {}
+        if old_BT is None:  # on-policy: ratio 1, gradient of the log-prob itself
+            old_BT = logprobs_BT.detach()
+            if targets.engine_logprobs_BT is not None:
+                stats.update(mismatch_sums(old_BT, targets.engine_logprobs_BT, mask_BT))
+                if targets.tis_cap > 0:
+                    is_weights_BT = truncated_is_weights(old_BT, targets.engine_logprobs_BT, mask_BT, targets.tis_cap)
+                    stats["rollout/tis_weight"] = masked_sum(is_weights_BT, mask_BT)
+        args = (logprobs_BT, old_BT, targets.advantages_BT, mask_BT, algo.clip_low, algo.clip_high,
+                algo.loss_agg_mode, agg["num_tokens"], agg["num_seqs"], is_weights_BT)
         if algo.policy_loss == "gspo":
-            loss, stats = gspo_policy_loss(*args, norm_constant=norm_constant)
+            loss, policy_stats = gspo_policy_loss(*args, norm_constant=agg["norm_constant"])
         else:
-            loss, stats = policy_loss(*args, clip_ratio_c=algo.clip_ratio_c, norm_constant=norm_constant)
-        tokens = float(mask.sum().item())
-        metrics = {f"actor/{k}": float(v) * tokens for k, v in stats.items()}
-        metrics["actor/pg_loss"] = float(loss.detach()) * self.dp_size
+            loss, policy_stats = policy_loss(*args, clip_ratio_c=algo.clip_ratio_c, norm_constant=agg["norm_constant"])
+        tokens = mask_BT.sum()
+        stats.update({f"actor/{k}": v.detach() * tokens for k, v in policy_stats.items()})
+        stats["actor/pg_loss"] = loss.detach() * self.dp_size
         if algo.use_kl_loss and targets.ref_logprobs_BT is not None:
-            kl = aggregate_loss(kl_penalty(logprobs, targets.ref_logprobs_BT, algo.kl_estimator), mask, **agg)
+            kl = aggregate_loss(kl_penalty(logprobs_BT, targets.ref_logprobs_BT, algo.kl_estimator), mask_BT, **agg)
             loss = loss + algo.kl_coef * kl
-            metrics["actor/kl_loss"] = float(kl.detach()) * self.dp_size
-        entropy_BT = entropy_from_logits(logits if algo.entropy_coef > 0 else logits.detach())
-        if algo.entropy_coef > 0:
-            loss = loss - algo.entropy_coef * aggregate_loss(entropy_BT, mask, **agg)
-        metrics["actor/entropy"] = float(masked_sum(entropy_BT.detach(), mask))
-        metrics["_tokens"] = tokens
-        return loss, metrics
+            stats["actor/kl_loss"] = kl.detach() * self.dp_size
+        if entropy_BT is not None:
+            if algo.entropy_coef > 0:
+                loss = loss - algo.entropy_coef * aggregate_loss(entropy_BT, mask_BT, **agg)
+            stats["actor/entropy"] = masked_sum(entropy_BT.detach(), mask_BT)
+        stats["_tokens"] = tokens
+        return loss, stats
 
     def update(self, batch: TokenBatch, targets: PolicyTargets, algo: AlgorithmConfig, micro_batch_size: int,
                temperature: float, norm_constant: float | None = None) -> dict[str, float]:
         """One optimizer step on ``batch`` (this rank's part of a mini-batch). ``norm_constant``
         is the divisor of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO)."""
         self.model.train()
+        self.batcher.prepare(self.model)
         # at least 1: a mini-batch whose every group was filtered out contributes zero loss, not NaN
         num_tokens, num_seqs = all_reduce_floats([float(batch.loss_mask_BT.sum()), float(batch.size)])
-        num_tokens = max(num_tokens, 1.0)
-        totals: dict[str, float] = {}
-        for rows in micro_batches(batch.size, micro_batch_size):
-            micro = batch.select(rows)
-            micro_targets = targets.select(rows, micro.loss_mask_BT.shape[1])
-            loss, metrics = self._micro_loss(
-                micro.to(self.device), _to(micro_targets, self.device), algo, temperature, num_tokens, num_seqs,
-                norm_constant,
-            )
+        agg = dict(mode=algo.loss_agg_mode, num_tokens=max(num_tokens, 1.0), num_seqs=num_seqs,
+                   norm_constant=norm_constant)
+        device_batch = self.batcher.to_device(batch, self.device)
+        device_targets = targets.to(self.device)
+        totals: dict[str, torch.Tensor] = {}
+        for micro in self.batcher.plan(batch, micro_batch_size, self.device):
+            logprobs_BT, entropy_BT = micro_logprobs(self.model, micro, device_batch, temperature,
+                                                     self.batcher.chunk_tokens, with_entropy=True,
+                                                     entropy_grad=algo.entropy_coef > 0)
+            mask_BT = device_batch.loss_mask_BT[micro.rows, : micro.width]
+            loss, stats = self._micro_loss(logprobs_BT, entropy_BT, mask_BT, device_targets.select(micro.rows, micro.width),
+                                           algo, agg)
             (loss * self.dp_size).backward()
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value
+            for key, value in stats.items():
+                if key.endswith("/max"):
+                    totals[key] = torch.maximum(totals[key], value) if key in totals else value
+                else:
+                    totals[key] = totals[key] + value if key in totals else value
         return self._finish_step(totals)
 
-    def _finish_step(self, totals: dict[str, float]) -> dict[str, float]:
-        tokens = max(totals.pop("_tokens"), 1.0)
-        metrics = {k: (v / tokens if k not in ("actor/pg_loss", "actor/kl_loss") else v) for k, v in totals.items()}
+    def _finish_step(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        keys = sorted(totals)
+        values = dict(zip(keys, torch.stack([totals[k].float() for k in keys]).tolist())) if keys else {}
+        tokens = max(values.pop("_tokens", 0.0), 1.0)
+        whole = ("actor/pg_loss", "actor/kl_loss", "rollout/logprob_diff/max")
+        metrics = {k: (v if k in whole else v / tokens) for k, v in values.items()}
         metrics["actor/grad_norm"], metrics["actor/lr"], stepped = optimizer_step(
             self.model, self.optimizer, self.scheduler, self.grad_clip)
         self.skipped_steps += not stepped
         metrics["actor/skipped_steps"] = float(self.skipped_steps)
         return metrics
-
-
-def _to(targets: PolicyTargets, device: torch.device) -> PolicyTargets:
-    def move(t):
-        return None if t is None else t.to(device)
-
-    return PolicyTargets(move(targets.advantages_BT), move(targets.old_logprobs_BT), move(targets.ref_logprobs_BT),
-                         move(targets.is_weights_BT))
 
 
 def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> tuple[float, float, bool]:

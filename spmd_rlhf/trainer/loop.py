@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..algorithms.advantages import outcome_token_rewards
+from ..algorithms.correction import mismatch_sums, truncated_is_weights
 from ..algorithms.kl import kl_reward_penalty
 from ..algorithms.shaping import keep_groups, overlong_penalty
 from ..config import Config
@@ -38,6 +39,7 @@ from .metrics import MetricsLogger
 from .offload import ActorOffload
 from .checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from .faults import NonFiniteGuard, oom_hint
+from .flops import flops_model, mfu, peak_flops
 from .preemption import PreemptionHandler
 from .replay import GroupReplayBuffer
 
@@ -52,24 +54,17 @@ class CriticTargets:
 
 def rollout_correction(old_BT: torch.Tensor, engine_BT: torch.Tensor, mask_BT: torch.Tensor,
                        tis_cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """Truncated importance sampling weights and the engine/actor logprob mismatch.
-
-    ``old_BT`` is the actor's log-prob of each sampled token (before the update), ``engine_BT``
-    the rollout engine's. Weights are ``min(exp(old - engine), tis_cap)`` at response tokens
-    (detached; None when ``tis_cap == 0``). Metrics: ``rollout/logprob_diff`` (mean |old - engine|
-    over sampled tokens), its max, and the mean weight when TIS is on.
-    """
-    mask = mask_BT.bool()
-    diff = (old_BT - engine_BT).abs()[mask]
-    metrics = {
-        "rollout/logprob_diff": float(diff.mean()) if diff.numel() else 0.0,
-        "rollout/logprob_diff/max": float(diff.max()) if diff.numel() else 0.0,
-    }
+    """Truncated importance sampling weights (``algorithms/correction.py``; None when
+    ``tis_cap == 0``) and the engine/actor mismatch as floats: ``rollout/logprob_diff`` (mean
+    |old - engine| over sampled tokens), its max, and the mean weight when TIS is on."""
+    sums = mismatch_sums(old_BT, engine_BT, mask_BT)
+    tokens = max(float(mask_BT.sum()), 1.0)
+    metrics = {"rollout/logprob_diff": float(sums["rollout/logprob_diff"]) / tokens,
+               "rollout/logprob_diff/max": float(sums["rollout/logprob_diff/max"])}
     if tis_cap <= 0:
         return None, metrics
-    log_ratio = torch.where(mask, old_BT - engine_BT, 0.0).clamp(max=20.0)
-    weights = torch.exp(log_ratio).clamp(max=tis_cap).masked_fill(~mask, 0.0).detach()
-    metrics["rollout/tis_weight"] = float(weights[mask].mean()) if mask.any() else 0.0
+    weights = truncated_is_weights(old_BT, engine_BT, mask_BT, tis_cap)
+    metrics["rollout/tis_weight"] = float(weights.sum()) / tokens
     return weights, metrics
 
 
@@ -96,6 +91,9 @@ class Trainer:
         if f.replay_capacity > 0:
             self.replay = GroupReplayBuffer(f.replay_capacity, f.replay_min_reward, cfg.trainer.seed + 31 * topo.rank)
         self.non_finite = NonFiniteGuard(cfg.trainer.max_consecutive_skips)
+        self.flops = flops_model(actor.model.config)
+        device_name = torch.cuda.get_device_name(topo.device) if topo.device.type == "cuda" else topo.device.type
+        self.peak_flops = peak_flops(device_name, cfg.trainer.peak_tflops)
         self.step = 0
         self.saved_step: int | None = None  # step of the last checkpoint this process wrote
 
@@ -250,7 +248,8 @@ class Trainer:
         for g in filtered:
             batch.loss_mask_BT[g * r.n : (g + 1) * r.n] = 0.0
         mask = batch.loss_mask_BT
-        old = self.actor.logprobs(batch, micro, r.temperature)
+        # on-policy, the update's own (detached) log-probs are the old ones: no separate pass
+        old = None if self.on_policy() else self.actor.logprobs(batch, micro, r.temperature)
         ref = None
         if self.reference is not None:
             ref = self.actor.logprobs(batch, micro, r.temperature, model=self.reference)
@@ -265,8 +264,12 @@ class Trainer:
         values = self.critic.values(batch, micro) if self.critic is not None else None
         adv = compute_advantages(algo, token_rewards, mask, r.n, values, rollout.greedy_rewards)
         engine_lp = response_tensor(rollout.samples.logprobs, batch, rollout.prompt_lengths)
-        is_weights, mismatch = rollout_correction(old, engine_lp, mask, algo.tis_cap)
-        metrics.update(mismatch)
+        if old is None:  # the update computes the mismatch and TIS weights from its own log-probs
+            policy = PolicyTargets(adv.advantages_BT, None, ref, engine_logprobs_BT=engine_lp, tis_cap=algo.tis_cap)
+        else:
+            is_weights, mismatch = rollout_correction(old, engine_lp, mask, algo.tis_cap)
+            metrics.update(mismatch)
+            policy = PolicyTargets(adv.advantages_BT, old, ref, is_weights)
         valid = mask.bool()
         metrics["actor/advantage_mean"] = float(adv.advantages_BT[valid].mean()) if valid.any() else 0.0
         critic_targets = None
@@ -274,7 +277,14 @@ class Trainer:
             critic_targets = CriticTargets(values, adv.returns_BT)
             metrics["critic/values_mean"] = float(values[valid].mean()) if valid.any() else 0.0
             metrics["critic/returns_mean"] = float(adv.returns_BT[valid].mean()) if valid.any() else 0.0
-        return PolicyTargets(adv.advantages_BT, old, ref, is_weights), critic_targets, metrics
+        return policy, critic_targets, metrics
+
+    def on_policy(self) -> bool:
+        """One epoch over one mini-batch, and nothing before the update reads the old log-probs
+        (KL in the reward and the KL guard do): the old log-probs are then the update's own."""
+        a, t = self.cfg.algorithm, self.cfg.trainer
+        return (a.ppo_epochs == 1 and t.mini_batch_size == t.batch_size and not a.kl_in_reward.enable
+                and a.kl_guard.max_kl == 0)
 
     def update(self, rollout: Rollout, targets: PolicyTargets, critic_targets: CriticTargets | None,
                train_actor: bool) -> dict[str, float]:
@@ -334,6 +344,7 @@ class Trainer:
                               f"scaled to {self.kl_control.lr_scale:.3g} of its schedule")
         skipped_before = self.actor.skipped_steps + (self.critic.skipped_steps if self.critic is not None else 0)
         update_metrics = timed("update", self.update, rollout, targets, critic_targets, train_actor)
+        update_metrics.update(self._mfu(rollout, timings, train_actor))
         skipped = self.actor.skipped_steps + (self.critic.skipped_steps if self.critic is not None else 0)
         self.non_finite.after_step(skipped > skipped_before, self.step + 1)
         timings["timing/step"] = time.perf_counter() - step_start
@@ -341,6 +352,23 @@ class Trainer:
                  "kl_guard/lr_scale": self.kl_control.lr_scale} if self.kl_control.max_kl > 0 else {}
         return {**self._rollout_metrics(rollout, received, timings), **rollout.metrics, **filter_metrics,
                 **target_metrics, **update_metrics, **guard, **timings}
+
+    def _mfu(self, rollout: Rollout, timings: dict[str, float], train_actor: bool) -> dict[str, float]:
+        """``perf/mfu/update`` and ``perf/mfu/logprobs`` (old and reference passes) of this rank's
+        work, as model FLOPs over phase time and the device peak (``trainer/flops.py``)."""
+        if self.peak_flops is None:
+            return {}
+        seq_lens = [p + len(r) for p, r in zip(rollout.prompt_lengths, rollout.samples.token_ids)]
+        scored = [len(r) for r in rollout.samples.token_ids]
+        passes = int(not self.on_policy()) + int(self.reference is not None)
+        out = {}
+        if train_actor:
+            update = self.flops.train(seq_lens, scored) * self.cfg.algorithm.ppo_epochs
+            out["perf/mfu/update"] = mfu(update, timings["timing/update"], self.peak_flops)
+        if passes:
+            out["perf/mfu/logprobs"] = mfu(passes * self.flops.forward(seq_lens, scored), timings["timing/reference"],
+                                           self.peak_flops)
+        return out
 
     def _rollout_metrics(self, rollout: Rollout, received: float, timings: dict[str, float]) -> dict[str, float]:
         lengths = torch.tensor([len(t) for t in rollout.samples.token_ids], dtype=torch.float32)
@@ -359,6 +387,7 @@ class Trainer:
             "perf/reshard_bytes_per_rank": received,
             "perf/generate_tokens_per_s": tokens / max(timings["timing/generate"], 1e-9),
             "perf/tokens_per_s": float(batch.attention_mask_BT.sum()) / max(timings["timing/step"], 1e-9),
+            "perf/tokens_per_s_per_gpu": float(batch.attention_mask_BT.sum()) / max(timings["timing/step"], 1e-9),
         }
 
     def evaluate(self) -> dict[str, float]:

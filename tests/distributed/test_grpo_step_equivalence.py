@@ -103,3 +103,28 @@ def test_weights_match_world_one(run_world, nproc):
         assert got[mode]["optimizer_steps"] == 2
         for key, value in want[mode]["metrics"].items():
             assert got[mode]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (mode, key)
+
+
+FAST_PATHS = ("packed", "on_policy", "on_policy_packed")
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 4])
+def test_fast_paths_compute_the_slow_paths_step(run_world, nproc):
+    """Packed micro-batches give the padded step's weights and metrics; the on-policy update
+    (old logprobs = its own, TIS inside the update) gives the two-pass step's; on every world
+    size, and the same as world 1."""
+    want, got = run_world(1)["modes"], run_world(nproc)["modes"]
+    slow = {"packed": "token-mean", "on_policy": "on_policy_two_pass", "on_policy_packed": "on_policy_two_pass"}
+    for name in FAST_PATHS:
+        reference = got[slow[name]]
+        assert max_diff(got[name]["final"], got[name]["initial"]) > MOVED, name
+        torch.testing.assert_close(got[name]["final"], reference["final"], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name} vs {slow[name]}, world {nproc}: {m}")
+        torch.testing.assert_close(got[name]["final"], want[name]["final"], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name}, world {nproc} vs 1: {m}")
+        assert got[name]["optimizer_steps"] == reference["optimizer_steps"]
+        for key, value in reference["metrics"].items():
+            assert got[name]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+    assert got["on_policy"]["optimizer_steps"] == 1 and got["packed"]["optimizer_steps"] == 2
+    assert got["on_policy"]["metrics"]["rollout/logprob_diff"] > 0.1  # the engine's logprobs are all 0
+    assert 0 < got["on_policy"]["metrics"]["rollout/tis_weight"] < 1

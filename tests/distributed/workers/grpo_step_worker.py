@@ -29,6 +29,7 @@ from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
 from spmd_rlhf.trainer.actor import Actor
 from spmd_rlhf.trainer.loop import Trainer
 from spmd_rlhf.trainer.metrics import reduce_metrics
+from spmd_rlhf.trainer.micro import MicroBatcher
 from spmd_rlhf.trainer.schedule import build_scheduler
 
 PROMPTS, N = 8, 4
@@ -41,6 +42,11 @@ METRICS = ("actor/grad_norm", "actor/pg_loss", "actor/kl_loss")
 # algorithm variants run on top of the loss modes: (adv_estimator, policy_loss, KL in the reward)
 VARIANTS = {"ppo": ("gae", "ppo", True), "gspo": ("grpo", "gspo", False), "rloo": ("rloo", "ppo", True),
             "reinforce_pp": ("reinforce_pp", "ppo", True)}
+# fast paths, each against the loss mode "token-mean" run through the slow path: packed micro-batches
+# (token budget 24, uneven groups); on-policy (one mini-batch: the update's own logprobs are the old
+# ones, TIS against the engine's logprobs inside the update) and its forced two-pass twin
+FAST_PATHS = ("packed", "on_policy", "on_policy_two_pass", "on_policy_packed")
+FAST_METRICS = ("actor/grad_norm", "actor/pg_loss", "actor/kl_loss", "rollout/logprob_diff", "rollout/tis_weight")
 VARIANT_METRICS = {"ppo": ("actor/grad_norm", "actor/pg_loss", "critic/vf_loss", "critic/grad_norm"),
                    "gspo": ("actor/grad_norm", "actor/pg_loss"), "rloo": ("actor/grad_norm", "actor/pg_loss"),
                    "reinforce_pp": ("actor/grad_norm", "actor/pg_loss")}
@@ -85,6 +91,8 @@ class FixedEngine:
 def make_config(mode: str, world: int) -> Config:
     if mode in VARIANTS:
         return variant_config(mode, world)
+    if mode in FAST_PATHS:
+        return fast_path_config(mode, world)
     cfg = Config()
     t = cfg.trainer
     t.total_steps, t.batch_size, t.mini_batch_size, t.micro_batch_size = 1, PROMPTS, MINI_BATCH, MICRO_BATCH
@@ -92,6 +100,18 @@ def make_config(mode: str, world: int) -> Config:
     cfg.rollout.n, cfg.rollout.temperature = N, 1.0
     a = cfg.algorithm
     a.loss_agg_mode, a.use_kl_loss, a.kl_coef, a.kl_estimator, a.ppo_epochs = mode, True, 0.1, "k3", 1
+    validate(cfg, world)
+    return cfg
+
+
+def fast_path_config(name: str, world: int) -> Config:
+    cfg = make_config("token-mean", world)
+    if "packed" in name:
+        cfg.trainer.max_tokens_per_micro_batch = 24
+    if name.startswith("on_policy"):
+        cfg.trainer.mini_batch_size = PROMPTS  # one optimizer step over the whole batch
+        cfg.algorithm.tis_cap = 2.0
+    cfg.model.logprob_chunk_tokens = 5  # several lm_head chunks per micro-batch
     validate(cfg, world)
     return cfg
 
@@ -127,8 +147,9 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
 
     t = cfg.trainer
     optimizer = torch.optim.AdamW(actor_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, PROMPTS // MINI_BATCH, t.min_lr_ratio)
-    actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, PROMPTS // t.mini_batch_size, t.min_lr_ratio)
+    batcher = MicroBatcher(t.max_tokens_per_micro_batch, cfg.model.logprob_chunk_tokens)
+    actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device, batcher=batcher)
     loader = PromptLoader(examples, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)  # as train.py builds it
     critic = None
@@ -139,6 +160,8 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
                         1.0, topo.device)
     trainer = Trainer(cfg, topo, tokenizer, actor, reference, engine, {}, ZeroScorer(), loader, [], None,
                       critic=critic)
+    if mode == "on_policy_two_pass":
+        trainer.on_policy = lambda: False  # the same step through a separate old-logprob pass
 
     prompts = loader.next()
     rollout = trainer.generate(prompts, step=0)
@@ -148,7 +171,8 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
     return {
         "initial": initial,
         "final": full_weights(actor_model),
-        "metrics": {key: metrics[key] for key in VARIANT_METRICS.get(mode, METRICS)},
+        "metrics": {key: metrics[key] for key in VARIANT_METRICS.get(mode, FAST_METRICS if mode in FAST_PATHS
+                                                                      else METRICS) if key in metrics},
         "critic_final": full_weights(critic.model) if critic is not None else {},
         "optimizer_steps": scheduler.last_epoch,
         "prompts": [p.index for p in prompts],
@@ -165,6 +189,7 @@ def main() -> None:
     engine = FixedEngine({tuple(p): r for p, r in zip(prompt_ids, responses)})
     results = {mode: run_mode(mode, topo, tokenizer, hf_config, examples, engine) for mode in LOSS_AGG_MODES}
     results.update({name: run_mode(name, topo, tokenizer, hf_config, examples, engine) for name in VARIANTS})
+    results.update({name: run_mode(name, topo, tokenizer, hf_config, examples, engine) for name in FAST_PATHS})
     if topo.is_main:
         torch.save({"world": topo.world_size, "modes": results}, out_path)
     shutdown()

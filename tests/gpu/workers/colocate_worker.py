@@ -22,7 +22,7 @@ from spmd_rlhf.rollout import vllm_compat as compat  # noqa: E402
 from spmd_rlhf.rollout.base import SamplingConfig  # noqa: E402
 from spmd_rlhf.rollout.build import sync_shard_dims  # noqa: E402
 from spmd_rlhf.rollout.vllm_engine import VLLMEngine  # noqa: E402
-from spmd_rlhf.trainer.actor import token_logits  # noqa: E402
+from spmd_rlhf.trainer.micro import token_logits  # noqa: E402
 from spmd_rlhf.algorithms.losses import logprobs_from_logits  # noqa: E402
 
 EOS = 1
