@@ -39,6 +39,11 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 2
     activation_checkpointing: bool = False
+    activation_checkpointing_every: int = 1  # with activation_checkpointing: recompute every k-th decoder layer only
+    # torch.compile each decoder layer of the actor; null = on CUDA with packed micro-batches (one dynamic shape;
+    # padded ones recompile for every new width), off on CPU
+    compile_layers: bool | None = None
+    logprob_chunk_tokens: int = 4096  # tokens per lm_head + log-softmax chunk (memory: chunk x vocab in fp32)
     trust_remote_code: bool = False
 
 
@@ -97,6 +102,10 @@ class VLLMConfig:
     kv_cache_gib: float = 1.0  # CPU: KV-cache size per rank
     sleep_level: int = 2  # CUDA: 1 offloads weights to host, 2 discards them (re-synced every step)
     enable_prefix_caching: bool = True
+    log_level: str = "WARNING"  # vLLM's own logger (its per-step INFO lines); INFO or DEBUG to see them
+    # a seed per request (from rollout.seed, the step and the row): samples independent of batching and of the
+    # engine's RNG history; false lets vLLM sample all requests from one generator (no per-request loop)
+    seed_per_request: bool = True
 
 
 @dataclass
@@ -216,7 +225,13 @@ class TrainerConfig:
     total_steps: int = 100
     batch_size: int = 32  # prompts per step, global
     mini_batch_size: int = 32  # prompts per optimizer step, global
-    micro_batch_size: int = 64  # sequences per forward/backward, per rank
+    micro_batch_size: int = 64  # sequences per forward/backward, per rank (padded rows; see below)
+    # > 0: micro-batches are packed sequences (no padding) filled up to this many tokens, the same number of
+    # micro-batches on every rank; 0: padded micro-batches of micro_batch_size sequences; null = 16384 on CUDA
+    # (BENCHMARKS.md), 0 on CPU
+    max_tokens_per_micro_batch: int | None = None
+    fused_optimizer: bool | None = None  # AdamW's fused kernel; null = on CUDA, off on CPU
+    peak_tflops: float | None = None  # device peak for perf/mfu/*; null = the table of known GPUs
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -263,6 +278,25 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# packed micro-batches on CUDA: 32k tokens measured 9 % faster at 1.5B but peaked at 93 GiB of activations
+# without checkpointing, which leaves too little for the engine's KV cache (BENCHMARKS.md)
+DEFAULT_CUDA_MICRO_BATCH_TOKENS = 16384
+
+
+def micro_batch_tokens(cfg: Config, device_type: str) -> int:
+    """``trainer.max_tokens_per_micro_batch``; null = packed micro-batches on CUDA, padded on CPU."""
+    if cfg.trainer.max_tokens_per_micro_batch is not None:
+        return cfg.trainer.max_tokens_per_micro_batch
+    return DEFAULT_CUDA_MICRO_BATCH_TOKENS if device_type == "cuda" else 0
+
+
+def compile_layers(cfg: Config, device_type: str) -> bool:
+    """``model.compile_layers``; null = on CUDA when micro-batches are packed."""
+    if cfg.model.compile_layers is not None:
+        return cfg.model.compile_layers
+    return device_type == "cuda" and micro_batch_tokens(cfg, device_type) > 0
 
 
 def register_configs() -> None:
@@ -313,6 +347,8 @@ def _validate_sizes(cfg: Config) -> None:
         ("model.hidden_size", cfg.model.hidden_size),
         ("model.num_layers", cfg.model.num_layers),
         ("model.num_heads", cfg.model.num_heads),
+        ("model.activation_checkpointing_every", cfg.model.activation_checkpointing_every),
+        ("model.logprob_chunk_tokens", cfg.model.logprob_chunk_tokens),
     ]:
         _positive(value, key)
     for key, value in [
@@ -329,8 +365,11 @@ def _validate_sizes(cfg: Config) -> None:
         ("algorithm.clip_low", cfg.algorithm.clip_low),
         ("algorithm.clip_high", cfg.algorithm.clip_high),
         ("algorithm.tis_cap", cfg.algorithm.tis_cap),
+        ("trainer.max_tokens_per_micro_batch", cfg.trainer.max_tokens_per_micro_batch or 0),
     ]:
         _positive(value, key, allow_zero=True)
+    if cfg.trainer.peak_tflops is not None:
+        _positive(cfg.trainer.peak_tflops, "trainer.peak_tflops")
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]; set rollout.top_p=1.0 to disable it")
     if not 0.0 <= cfg.data.max_bad_row_fraction <= 1.0:
@@ -472,6 +511,7 @@ def _validate_vllm(cfg: Config) -> None:
         raise ConfigError(f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization} must be in (0, 1]; "
                           "set rollout.vllm.gpu_memory_utilization=0.5")
     _positive(v.kv_cache_gib, "rollout.vllm.kv_cache_gib")
+    _choice(v.log_level.upper(), "rollout.vllm.log_level", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     for key, value in [("rollout.vllm.max_model_len", v.max_model_len), ("rollout.vllm.max_num_seqs", v.max_num_seqs),
                        ("rollout.vllm.max_num_batched_tokens", v.max_num_batched_tokens)]:
         if value is not None:

@@ -1,9 +1,11 @@
 """FSDP2 for the trainable and frozen models: the one place training parallelism is applied.
 
-Order (torchtitan's): activation checkpointing, then ``fully_shard`` on every decoder layer,
-then on the root. On CUDA the layers compute in bf16 with fp32 gradient reduction
-(``MixedPrecisionPolicy``); on CPU everything stays fp32. Tensor parallelism for generation lives
-in ``tp_plan.py``.
+Order (torchtitan's): activation checkpointing (every decoder layer, or every k-th), then
+``torch.compile`` per decoder layer (optional), then ``fully_shard`` on every decoder layer, then
+on the root. On CUDA trainable models keep fp32 master weights and compute in bf16 with fp32
+gradient reduction (``MixedPrecisionPolicy``); a frozen model may be held in bf16 itself (no
+master copy, no cast per forward). On CPU everything stays fp32. Tensor parallelism for
+generation lives in ``tp_plan.py``.
 """
 
 from __future__ import annotations
@@ -27,20 +29,35 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy | None:
     return None
 
 
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a frozen model is held in: bf16 where training computes in bf16 (CUDA), else fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def parallelize(
     model: torch.nn.Module,
     mesh: DeviceMesh,
     device: torch.device,
     activation_checkpointing: bool = False,
     trainable: bool = True,
+    checkpoint_every: int = 1,
+    compile_layers: bool = False,
+    compile_backend: str = "inductor",
 ) -> FSDPModule:
     """Shard ``model`` (full weights on the CPU) over ``mesh`` and move the shards to ``device``.
 
-    A frozen model (the reference policy) gets ``requires_grad_(False)`` and keeps nothing for
-    backward.
+    With ``activation_checkpointing``, layers ``0, k, 2k, ...`` (``k = checkpoint_every``) recompute
+    their activations in backward; the others keep them (less recompute, more memory). A frozen
+    model (the reference policy) gets ``requires_grad_(False)`` and keeps nothing for backward.
     """
+    assert checkpoint_every >= 1
     if activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for index, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = index % checkpoint_every == 0
+    if compile_layers:
+        for layer in decoder_layers(model):
+            layer.compile(backend=compile_backend, dynamic=True)  # sequence lengths change every micro-batch
     if not trainable:
         model.requires_grad_(False)
         model.eval()

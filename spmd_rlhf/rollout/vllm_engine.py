@@ -247,6 +247,8 @@ class VLLMEngine:
         sleep_level: int = 2,
         enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
+        log_level: str = "WARNING",
+        seed_per_request: bool = True,
     ) -> None:
         if not eos_token_ids:
             raise ValueError("rollout engine needs at least one EOS token id (tokenizer eos_token_id)")
@@ -263,6 +265,7 @@ class VLLMEngine:
         self.gen_dp_rank = gen_mesh["gen_dp"].get_local_rank()
         self._check_grouping()
         self.eos_ids = sorted(set(eos_token_ids))
+        self.seed_per_request = seed_per_request
         self.weight_version = 0
         self.sleep_level = sleep_level
         self.sleep_enabled = self.device.type == "cuda"
@@ -274,6 +277,8 @@ class VLLMEngine:
         self._weights_loaded = False
         self._warned_truncated_logprobs = False
 
+        # vLLM's INFO lines (one per scheduler step and request batch) drown the trainer's own log
+        logging.getLogger("vllm").setLevel(log_level.upper())
         LLM, self._SamplingParams, self._TokensPrompt = compat.api()
         self._check_head_dim(hf_config, model_path)
         self._model_dir = model_path or self._write_config(hf_config)
@@ -385,6 +390,11 @@ class VLLMEngine:
         tags = [t for t in tags if t in self._asleep]
         if not tags:
             return
+        if self.device.type == "cuda":
+            # The engine's memory comes back through its own allocator, not PyTorch's cache: blocks the
+            # training passes left cached (activations of the last micro-batch) must be returned first
+            # (seen: the KV cache's wake ran out of memory after an update of 32k-token micro-batches).
+            torch.cuda.empty_cache()
         compat.wake_up(self.llm, tags)
         self._asleep.difference_update(tags)
         if "weights" in tags and self._buffers:
@@ -420,7 +430,7 @@ class VLLMEngine:
             top_k=0 if greedy else sampling.top_k,  # 0 = off in vLLM too
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's own log-prob
-            seed=_row_seed(sampling.seed, row),
+            seed=_row_seed(sampling.seed, row) if self.seed_per_request else None,
             detokenize=False,
             stop_token_ids=[] if sampling.ignore_eos else self.eos_ids,  # stop ids outrank ignore_eos
             ignore_eos=sampling.ignore_eos,
