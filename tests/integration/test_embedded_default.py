@@ -20,7 +20,7 @@ def test_embedded_default_learns_under_torchrun(tmp_path):
     run_dir = tmp_path / "placed" / "run"
     proc = torchrun(
         ["-m", "spmd_rlhf.train", f"hydra.run.dir={run_dir}", f"trainer.total_steps={STEPS}",
-         "logging.progress_bar=false"],
+         "logging.progress_bar=false", "trainer.peak_tflops=0.001"],  # a peak for the CPU: perf/mfu/* logged
         nproc=2, timeout=420, cwd=tmp_path,  # not the repository: works from any directory
     )
     records = _records(run_dir / "metrics.jsonl")
@@ -39,6 +39,10 @@ def test_embedded_default_learns_under_torchrun(tmp_path):
     for key in ("timing/generate", "timing/reshard", "timing/reference", "timing/update", "perf/tokens_per_s"):
         assert steps[-1][key] > 0
     assert steps[-1]["rollout/weight_version"] > steps[0]["rollout/weight_version"], "weights re-synced each step"
+    # on-policy GRPO with the k3 loss: the update is the only actor pass, the reference the only logprob pass
+    for key in ("perf/mfu/update", "perf/mfu/logprobs", "perf/tokens_per_s_per_gpu"):
+        assert all(r[key] > 0 for r in steps), key
+    assert all(r["rollout/logprob_diff"] >= 0 for r in steps), "the update measures the engine mismatch itself"
 
     table = [line for line in proc.stdout.splitlines() if line.startswith("eval/arithmetic/accuracy")]
     assert len(table) == 1, "rank 0 alone prints the before/after table"
