@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -229,20 +230,32 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
     except (ValueError, OSError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     topo = init_distributed(cfg.distributed.dp_replicate, cfg.distributed.tp, cfg.distributed.timeout_s, env)
-    trainer = None
     try:
-        run_dir = shared_run_dir(run_dir, topo)
-        seed_everything(cfg.trainer.seed, topo.rank)
-        lg = cfg.logging
-        logger = MetricsLogger(run_dir, topo.is_main, cfg.trainer.total_steps, lg, config_dict, lg.console,
-                               lg.progress_bar)
-        logger.write(f"spmd_rlhf: world {topo.world_size} ({topo.backend}), train mesh {tuple(topo.train_mesh.shape)},"
-                     f" generation mesh {tuple(topo.gen_mesh.shape)}, {len(train)} train / {len(val)} held-out prompts,"
-                     f" run dir {run_dir}")
-        checkpoints = CheckpointManager(cfg.trainer.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
-                                        cfg.trainer.keep_last)
-        resume_path = broadcast_from_rank_zero(checkpoints.resolve(cfg.trainer.resume))
-        trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger, resuming=resume_path is not None)
+        return train_on(topo, cfg, run_dir, tokenizer, train, val, scorer, config_dict)
+    except BaseException as err:
+        forget_locals(err)
+        raise
+    finally:
+        shutdown()  # after train_on's frame is gone: nothing of the run holds a process group any more
+
+
+def train_on(topo: Topology, cfg: Config, run_dir: str, tokenizer, train, val, scorer: RewardScorer,
+             config_dict: dict | None) -> dict[str, dict[str, float]]:
+    """Everything that needs the process group: build (or resume), train, report. The engine is
+    closed here on every path, while the group is still alive (vLLM's teardown needs it)."""
+    run_dir = shared_run_dir(run_dir, topo)
+    seed_everything(cfg.trainer.seed, topo.rank)
+    lg = cfg.logging
+    logger = MetricsLogger(run_dir, topo.is_main, cfg.trainer.total_steps, lg, config_dict, lg.console,
+                           lg.progress_bar)
+    logger.write(f"spmd_rlhf: world {topo.world_size} ({topo.backend}), train mesh {tuple(topo.train_mesh.shape)},"
+                 f" generation mesh {tuple(topo.gen_mesh.shape)}, {len(train)} train / {len(val)} held-out prompts,"
+                 f" run dir {run_dir}")
+    checkpoints = CheckpointManager(cfg.trainer.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
+                                    cfg.trainer.keep_last)
+    resume_path = broadcast_from_rank_zero(checkpoints.resolve(cfg.trainer.resume))
+    trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger, resuming=resume_path is not None)
+    try:
         if resume_path is not None:
             info = checkpoints.load(resume_path, trainer.checkpoint_state())
             trainer.saved_step = info.step
@@ -253,9 +266,18 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         logger.close()
         return results
     finally:
-        if trainer is not None:
-            trainer.close()
-        shutdown()
+        trainer.close()
+
+
+def forget_locals(err: BaseException) -> None:
+    """Clear the locals of the frames a failed run's traceback keeps (and of the exceptions it
+    chains): they hold the models, and through them the process groups, which ``shutdown`` must
+    be able to end before the interpreter exits. The traceback still prints every line."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

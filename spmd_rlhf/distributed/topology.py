@@ -20,6 +20,8 @@ All three are flattenings of one root mesh, so rank ``r`` has the same coordinat
 from __future__ import annotations
 
 import datetime
+import gc
+import logging
 import os
 import re
 import warnings
@@ -28,6 +30,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+log = logging.getLogger(__name__)
+# Names torch and gloo give the threads of a process group (Linux shows them in /proc).
+PROCESS_GROUP_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+# Root meshes built by init_distributed, released by shutdown (see there).
+_ROOT_MESHES: list[DeviceMesh] = []
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,7 @@ def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEn
         warnings.filterwarnings("ignore", message="Slicing a flattened dim")
         train_mesh = root["dp_replicate", "dp_shard"]
         gen_mesh = root["gen_dp", "tp"]
+    _ROOT_MESHES.append(root)
     return Topology(env=env, device=device, backend=backend, train_mesh=train_mesh, gen_mesh=gen_mesh, reshard_mesh=root)
 
 
@@ -186,5 +195,54 @@ def _free_port() -> int:
 
 
 def shutdown() -> None:
+    """End every process group, and the threads it runs, now: while the interpreter is fully alive.
+
+    ``destroy_process_group`` only unregisters the groups. Each gloo group's C++ object, with its
+    worker threads, lives until the last Python reference to it goes, and references outlive the
+    run: the device meshes keep their groups in a registry (and torch's DTensor caches keep the
+    meshes), FSDP's state keeps its groups. Left to interpreter exit, a worker thread that still
+    holds its last collective's tensors needs the GIL to free them; Python ends a thread that asks
+    for the GIL during finalisation (``pthread_exit``), and unwinding through the C++ destructor
+    calls ``std::terminate``: "terminate called without an active exception", SIGABRT, and a run
+    that finished exits -6. Under CPU contention the worker is late often enough to matter.
+
+    So, in this order: destroy the groups; drop the meshes' references to them; collect the
+    reference cycles (modules, hooks) that hold the rest, which destroys the groups and joins their
+    threads here (pybind releases the GIL for that, so a worker can still free its tensors). The
+    caller drops its own references (models, engines) first. Nothing here is a collective: it
+    cannot wait on a rank that has already exited.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _ROOT_MESHES:
+        _release_groups(_ROOT_MESHES.pop())
+    gc.collect()
+    leftover = process_group_threads()
+    if leftover:
+        log.warning("%d process-group threads (%s) outlived shutdown: something still holds a process group, and "
+                    "the interpreter's exit may abort", len(leftover), ", ".join(sorted(set(leftover))))
+
+
+def _release_groups(root: DeviceMesh) -> None:
+    """Drop the root mesh's references to its groups (its sub-meshes share the registry)."""
+    registry = getattr(root, "_pg_registry", None)  # torch's private name -> group map
+    if isinstance(registry, dict):
+        registry.clear()
+
+
+def process_group_threads() -> list[str]:
+    """Names of this process's live process-group threads (empty where /proc is absent)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:  # ended meanwhile
+            continue
+        if name in PROCESS_GROUP_THREADS:
+            names.append(name)
+    return names

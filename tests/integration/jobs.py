@@ -1,6 +1,8 @@
 """Training jobs that a test starts, watches and kills: torchrun as the leader of its own process
 group, its metrics records and checkpoints. torchrun puts every worker in a process group of its
-own (setsid), so killing the job means the agent's process group and each worker's."""
+own (setsid), so killing the job means the agent's process group and each worker's. Every rank
+runs the trainer under ``exit_census``, which records the threads still alive when its interpreter
+starts to finalise (see ``assert_clean_exit``)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from spmd_rlhf.trainer.checkpoint import LATEST, is_complete, step_folder_name
+from tests.integration.exit_census import CENSUS_DIR_VAR
 from tests.launch import REPO_ROOT, child_env, free_port
 
 # Keys that legitimately differ between two runs of the same computation: wall time and speed.
 TIMING_PREFIXES = ("timing/", "perf/", "memory/")
+# Threads of a gloo process group (torch's workers, gloo's transport loop). One alive when the
+# interpreter finalises can abort a finished run ("terminate called without an active exception").
+PROCESS_GROUP_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 
 
 def torchrun_cmd(args: list[str], nproc: int, max_restarts: int = 0, c10d: bool = False) -> list[str]:
@@ -45,10 +51,14 @@ class Job:
     def __init__(self, overrides: list[str], nproc: int, log: Path, max_restarts: int = 0,
                  shared_store: bool = False, env: dict[str, str] | None = None):
         self.log = log
+        self.nproc = nproc
+        self.census_dir = log.with_suffix(".census")
         self._out = open(log, "w")
         fresh_store = max_restarts > 0 and not shared_store
-        cmd = torchrun_cmd(["-m", "spmd_rlhf.train", *overrides], nproc, max_restarts, c10d=fresh_store)
-        env = {**({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if fresh_store else {}), **(env or {})}
+        cmd = torchrun_cmd(["-m", "tests.integration.exit_census", *overrides], nproc, max_restarts,
+                           c10d=fresh_store)
+        env = {**({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if fresh_store else {}),
+               CENSUS_DIR_VAR: str(self.census_dir), **(env or {})}
         self.proc = subprocess.Popen(cmd, env=child_env(env), cwd=REPO_ROOT, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -108,6 +118,27 @@ class Job:
             if f"RANK={rank}".encode() in environ:
                 return pid
         raise AssertionError(f"no worker with RANK={rank} among {self.workers()}")
+
+    def exit_census(self) -> dict[int, dict]:
+        """What each rank that reached interpreter exit left alive (by rank; see exit_census)."""
+        found = {}
+        for path in sorted(self.census_dir.glob("rank*.json")):
+            census = json.loads(path.read_text())
+            found[census["rank"]] = census
+        return found
+
+
+def assert_clean_exit(job: Job, ranks: list[int] | None = None) -> None:
+    """Each of ``ranks`` (default: all) reached interpreter exit with no process-group thread left,
+    so finalisation could not abort on one, and no rank aborted. After an error, torchrun may end
+    the other ranks with SIGTERM before they get there: name the rank that failed."""
+    ranks = list(range(job.nproc)) if ranks is None else ranks
+    out = job.output()
+    assert "terminate called" not in out, out[-6000:]
+    census = job.exit_census()
+    assert set(ranks) <= set(census), f"ranks that reached exit: {sorted(census)}, expected {ranks}\n{out[-3000:]}"
+    alive = {rank: [t for t in census[rank]["threads"] if t in PROCESS_GROUP_THREADS] for rank in ranks}
+    assert not any(alive.values()), f"process-group threads alive at interpreter exit: {alive}"
 
 
 def children(pid: int) -> list[int]:
