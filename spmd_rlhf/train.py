@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import Config, ConfigError, register_configs, validate
+from .config import Config, ConfigError, micro_batch_tokens, register_configs, validate
 from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
 from .data.loader import PromptLoader
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
@@ -41,6 +41,7 @@ from .trainer.preemption import PreemptionHandler
 from .trainer.critic import Critic
 from .trainer.loop import Trainer
 from .trainer.metrics import MetricsLogger
+from .trainer.micro import MicroBatcher
 from .trainer.offload import ActorOffload
 from .trainer.schedule import build_scheduler
 from .trainer.sft import sft_warm_start
@@ -137,8 +138,9 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
     reference = build_reference(actor_model, hf_config, topo) if needs_reference(cfg) else None
     updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
     optimizer, scheduler = build_optimizer(actor_model, t.lr, t.weight_decay, t.betas, t.warmup_steps, updates,
-                                           t.min_lr_ratio)
-    actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device)
+                                           t.min_lr_ratio, t.fused_optimizer, topo.device)
+    batcher = MicroBatcher(micro_batch_tokens(cfg, topo.device.type), cfg.model.logprob_chunk_tokens)
+    actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device, batcher=batcher)
     critic = build_critic_for(cfg, topo, hf_config, actor_model, updates) if algo.adv_estimator == "gae" else None
     reward_model = None
     if cfg.reward.model.path is not None:
@@ -161,8 +163,12 @@ def needs_reference(cfg: Config) -> bool:
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas, warmup_steps: int, updates: int,
-                    min_lr_ratio: float):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+                    min_lr_ratio: float, fused: bool | None = None, device: torch.device | None = None):
+    """AdamW (its fused kernel on CUDA unless ``fused`` says otherwise) and the warmup/decay schedule."""
+    if fused is None:
+        fused = device is not None and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                  fused=fused)
     return optimizer, build_scheduler(optimizer, warmup_steps, max(updates, warmup_steps), min_lr_ratio)
 
 
@@ -172,7 +178,7 @@ def build_critic_for(cfg: Config, topo: Topology, hf_config, actor_model, update
     init_from = actor_model if c.init_from == "actor" else c.init_from
     model = build_critic(hf_config, topo, init_from, c.activation_checkpointing, seed=cfg.trainer.seed)
     optimizer, scheduler = build_optimizer(model, c.lr, c.weight_decay, cfg.trainer.betas, c.warmup_steps, updates,
-                                           cfg.trainer.min_lr_ratio)
+                                           cfg.trainer.min_lr_ratio, cfg.trainer.fused_optimizer, topo.device)
     return Critic(model, optimizer, scheduler, topo.dp_size, c.grad_clip, topo.device)
 
 
