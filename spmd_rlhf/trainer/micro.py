@@ -39,6 +39,7 @@ class MicroBatcher:
     """Plans micro-batches (``max_tokens`` > 0: packed up to that budget) and moves batches."""
 
     def __init__(self, max_tokens: int = 0, chunk_tokens: int = 4096):
+        assert max_tokens is not None and max_tokens >= 0, "resolve trainer.max_tokens_per_micro_batch first"
         self.max_tokens = max_tokens
         self.chunk_tokens = chunk_tokens
 

@@ -17,7 +17,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from spmd_rlhf.config import LOSS_AGG_MODES, Config, validate
+from spmd_rlhf.config import LOSS_AGG_MODES, Config, micro_batch_tokens, validate
 from spmd_rlhf.models.heads import build_critic
 from spmd_rlhf.trainer.critic import Critic
 from spmd_rlhf.data.datasets import PromptExample
@@ -148,7 +148,7 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
     t = cfg.trainer
     optimizer = torch.optim.AdamW(actor_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = build_scheduler(optimizer, t.warmup_steps, PROMPTS // t.mini_batch_size, t.min_lr_ratio)
-    batcher = MicroBatcher(t.max_tokens_per_micro_batch, cfg.model.logprob_chunk_tokens)
+    batcher = MicroBatcher(micro_batch_tokens(cfg, topo.device.type), cfg.model.logprob_chunk_tokens)
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device, batcher=batcher)
     loader = PromptLoader(examples, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)  # as train.py builds it
