@@ -100,7 +100,6 @@ def run_point(point: dict, args, topo, hf_config, batch) -> dict:
            "mfu_logprobs": mfu(flops.forward(seq_lens, scored), logprobs_s, peak)}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del actor, model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

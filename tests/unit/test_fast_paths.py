@@ -8,8 +8,6 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
@@ -24,11 +22,8 @@ from spmd_rlhf.trainer.schedule import build_scheduler
 
 
 @pytest.fixture
-def mesh(tmp_path):
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
+def mesh(world_of_one):
+    return world_of_one
 
 
 def build_actor(mesh, layers: int = 3, batcher: MicroBatcher | None = None, **parallel) -> Actor:

@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM
 
 from spmd_rlhf.config import AlgorithmConfig
@@ -102,14 +100,6 @@ def test_guard_of_one_aborts_at_the_first_skip():
 
 
 # --- Actor.update with a non-finite loss ---------------------------------------------------------
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
 
 
 def tiny_actor(mesh) -> tuple[Actor, object]:

@@ -10,9 +10,7 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -133,14 +131,6 @@ def test_bfloat16_matches_the_bf16_logits_path_and_keeps_dtypes():
 
 
 # --- the FSDP2 model path --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
 
 
 def tiny_qwen2(mesh, tied: bool, bf16_compute: bool = False, checkpointing: bool = False):
