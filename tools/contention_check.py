@@ -132,8 +132,9 @@ def report(results: list[tuple[int, dict[str, tuple[str, float]], float]], busy:
         lines.append(f"{name:<{width}}  {row['passed']:6d}  {row['failed']:6d}  {row['skipped']:7d}  {row['max_s']:9.1f}")
     failed_runs = [i for i, (rc, _, _) in enumerate(results) if rc != 0]
     walls = [s for _, _, s in results]
-    lines.append(f"{len(results)} runs beside {busy} busy loop(s): {len(failed_runs)} with a failure "
-                 f"{failed_runs if failed_runs else ''}; run wall time {min(walls):.0f}-{max(walls):.0f} s")
+    which = f" (runs {failed_runs})" if failed_runs else ""
+    lines.append(f"{len(results)} runs beside {busy} busy loop(s): {len(failed_runs)} with a failure{which}; "
+                 f"run wall time {min(walls):.0f}-{max(walls):.0f} s")
     return "\n".join(lines)
 
 
