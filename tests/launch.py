@@ -44,14 +44,57 @@ def torchrun(
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         *args,
     ]
-    proc = subprocess.run(
-        cmd, env=child_env(env), cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    proc = run_reaped(cmd, timeout, env=child_env(env), cwd=cwd or REPO_ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"torchrun exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def run_reaped(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=...)``, except that a timeout
+    (or an interrupt) kills every process the command started, not just the command: torchrun's
+    workers live in sessions of their own and would outlive a killed agent."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.wait()  # not communicate(): a straggler still holding the pipes would block it
+        proc.stdout.close()
+        proc.stderr.close()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants, all found before any is killed (a killed parent's
+    children are re-parented and could no longer be found)."""
+    doomed = [pid]
+    for parent in doomed:  # grows while walked: breadth-first
+        doomed.extend(children(parent))
+    for victim in doomed:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
 
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

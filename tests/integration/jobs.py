@@ -18,7 +18,7 @@ from typing import Any
 
 from spmd_rlhf.trainer.checkpoint import LATEST, is_complete, step_folder_name
 from tests.integration.exit_census import CENSUS_DIR_VAR
-from tests.launch import REPO_ROOT, child_env, free_port
+from tests.launch import REPO_ROOT, child_env, children, free_port
 
 # Keys that legitimately differ between two runs of the same computation: wall time and speed.
 TIMING_PREFIXES = ("timing/", "perf/", "memory/")
@@ -139,22 +139,6 @@ def assert_clean_exit(job: Job, ranks: list[int] | None = None) -> None:
     assert set(ranks) <= set(census), f"ranks that reached exit: {sorted(census)}, expected {ranks}\n{out[-3000:]}"
     alive = {rank: [t for t in census[rank]["threads"] if t in PROCESS_GROUP_THREADS] for rank in ranks}
     assert not any(alive.values()), f"process-group threads alive at interpreter exit: {alive}"
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (read from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return sorted(found)
 
 
 def _zombie(pid: int) -> bool:

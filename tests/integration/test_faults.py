@@ -28,7 +28,7 @@ from tests.integration.jobs import (
     records,
     torchrun_cmd,
 )
-from tests.launch import REPO_ROOT, child_env
+from tests.launch import REPO_ROOT, child_env, run_reaped
 
 SHORT = ["trainer.sft.steps=100", "data.arithmetic.num_val=32", "logging.progress_bar=false"]
 # Hang guards, not speed checks: several times what a job here takes on a loaded 2-core machine.
@@ -167,7 +167,7 @@ def test_damaged_checkpoint_as_resume_path_is_refused_naming_the_file(one_rank_c
 
     cmd = torchrun_cmd(["-m", "spmd_rlhf.train", f"hydra.run.dir={tmp_path / 'run'}", "data.arithmetic.num_val=8",
                         "trainer.total_steps=2", "logging.progress_bar=false", f"trainer.resume={checkpoint}"], 2)
-    proc = subprocess.run(cmd, env=child_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    proc = run_reaped(cmd, JOB_TIMEOUT, env=child_env(), cwd=REPO_ROOT)
     out = f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
     assert proc.returncode != 0, out  # torchrun exits 1; rank 0 exits 2, like for a configuration error
     assert proc.stderr.count(f"{file}") == 1, out  # one message, from rank 0
