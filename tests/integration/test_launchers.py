@@ -85,7 +85,7 @@ kill -USR1 "$(cat "$FAKE_DIR/srun.pid")"
     "srun": """#!/usr/bin/env bash
 trap 'echo "srun got USR1" >> "$FAKE_LOG"; exit 0' USR1
 echo "srun $*" >> "$FAKE_LOG"
-echo $$ > "$FAKE_DIR/srun.pid"
+echo $$ > "$FAKE_DIR/srun.pid.tmp" && mv "$FAKE_DIR/srun.pid.tmp" "$FAKE_DIR/srun.pid"  # never read half-written
 for _ in $(seq "${FAKE_SRUN_TICKS:-600}"); do sleep 0.1; done
 exit "${FAKE_SRUN_EXIT:-0}"
 """,
