@@ -54,8 +54,8 @@ def torchrun(
 
 def run_reaped(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=...)``, except that a timeout
-    (or an interrupt) kills every process the command started, not just the command: torchrun's
-    workers live in sessions of their own and would outlive a killed agent."""
+    (or an interrupt) kills every process the command started, not just the command: torchrun
+    starts its workers detached (setsid), so they would outlive a killed agent."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

@@ -71,7 +71,7 @@ def make_config(args, max_tokens: int, kl: bool, workload: str = "fixed"):
     return cfg
 
 
-def build_trainer(args, topo, hf_config, model_dir, actor_model, engine, cfg):
+def build_trainer(args, topo, hf_config, actor_model, engine, cfg):
     from spmd_rlhf.data.datasets import PromptExample
     from spmd_rlhf.data.loader import PromptLoader
     from spmd_rlhf.models.build import build_reference
@@ -112,7 +112,7 @@ def run_steps(trainer, steps: int, device) -> list[dict]:
     return records
 
 
-def summarise(records: list[dict], tokens_per_step: float | None) -> dict:
+def summarise(records: list[dict]) -> dict:
     timed = records[1:] or records  # the first step compiles and warms caches
     mean = {k: sum(r[k] for r in timed) / len(timed) for k in timed[0]}
     return {"steps": records, "mean": mean}
@@ -255,10 +255,10 @@ def main() -> None:
         if steps == 0:
             continue
         cfg = make_config(args, max_tokens, kl, workload)
-        trainer = build_trainer(args, topo, hf_config, model_dir, actor_model, engine, cfg)
+        trainer = build_trainer(args, topo, hf_config, actor_model, engine, cfg)
         name = f"{workload},max_tokens={max_tokens},kl={'on' if kl else 'off'}"
         say("run", name)
-        result["runs"][name] = summarise(run_steps(trainer, steps, device), None)
+        result["runs"][name] = summarise(run_steps(trainer, steps, device))
         if args.profile and not kl and workload == "fixed" and device.type == "cuda":
             profile_micro(trainer, args, hf_config, f"{args.profile}.max_tokens{max_tokens}.md")
         if args.rollout_ab and not kl and workload == "fixed":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from tests.launch import busy_loops, kill_tree  # noqa: E402  (the tests' own helpers)
 DEFAULT_TESTS = ["tests/integration/test_faults.py", "tests/integration/test_resume.py"]
 
 
@@ -41,19 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.runs < 1 or args.busy < 0:
         parser.error("--runs must be >= 1 and --busy >= 0")
     return args
-
-
-def start_busy_loops(count: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
-            for _ in range(count)]
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-    for proc in procs:
-        proc.wait(timeout=30)
 
 
 def run_once(args: argparse.Namespace, index: int, out: Path) -> tuple[int, dict[str, tuple[str, float]], float]:
@@ -80,33 +68,6 @@ def run_once(args: argparse.Namespace, index: int, out: Path) -> tuple[int, dict
     if proc.returncode != 0:
         (out / f"run{index:03d}.log").write_text(output)
     return proc.returncode, outcomes, seconds
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it, found first and then killed (tests start jobs
-    in sessions of their own, which killing a process group would miss)."""
-    doomed = [pid]
-    for parent in doomed:  # grows while it is walked: breadth-first over the tree
-        doomed.extend(children(parent))
-    for victim in doomed:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found.append(int(entry))
-    return found
 
 
 def read_junit(path: Path) -> dict[str, tuple[str, float]]:
@@ -142,16 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="contention_check_"))
     out.mkdir(parents=True, exist_ok=True)
-    busy = start_busy_loops(args.busy)
     results = []
-    try:
+    with busy_loops(args.busy):  # killed however the runs end
         for index in range(args.runs):
             rc, outcomes, seconds = run_once(args, index, out)
             failed = sorted(n for n, (o, _) in outcomes.items() if o == "failed")
             print(f"run {index}: exit {rc} in {seconds:.0f} s" + (f", failed: {failed}" if failed else ""), flush=True)
             results.append((rc, outcomes, seconds))
-    finally:
-        stop(busy)
     print(report(results, args.busy))
     print(f"JUnit files and failed runs' output: {out}")
     return 1 if any(rc != 0 for rc, _, _ in results) else 0

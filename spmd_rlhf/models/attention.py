@@ -146,6 +146,8 @@ def use_packed_attention(model: torch.nn.Module) -> None:
     """Switch a built HF causal LM (FSDP2-wrapped or not) to ``VARLEN``; padded calls keep
     working as under ``sdpa``. Reverse with ``model.set_attn_implementation("sdpa")``."""
     config = model.config
+    if config._attn_implementation == VARLEN:  # called before every pass: switch once
+        return
     assert "sliding_attention" not in (getattr(config, "layer_types", None) or []), "sliding-window layers"
     model.set_attn_implementation(register())
     assert config._attn_implementation == VARLEN, f"attn_implementation stayed {config._attn_implementation!r}"

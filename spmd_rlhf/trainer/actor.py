@@ -49,7 +49,7 @@ class PolicyTargets:
 
     def _map(self, fn) -> PolicyTargets:
         tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name.endswith("_BT")}
-        return replace(self, **{k: v for k, v in tensors.items()})
+        return replace(self, **tensors)
 
     def select(self, rows, length: int) -> PolicyTargets:
         return self._map(lambda t: None if t is None else t[rows, :length])

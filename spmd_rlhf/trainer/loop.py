@@ -376,6 +376,7 @@ class Trainer:
         groups = rollout.rewards_GN()
         batch = rollout.batch(self.tokenizer.pad_token_id)
         tokens = float(lengths.sum())
+        tokens_per_s = float(batch.attention_mask_BT.sum()) / max(timings["timing/step"], 1e-9)
         return {
             "rollout/reward": float(rollout.rewards.mean()),
             "rollout/response_length": float(lengths.mean()),
@@ -386,8 +387,8 @@ class Trainer:
             "rollout/weight_version": float(getattr(self.engine, "weight_version", 0)),
             "perf/reshard_bytes_per_rank": received,
             "perf/generate_tokens_per_s": tokens / max(timings["timing/generate"], 1e-9),
-            "perf/tokens_per_s": float(batch.attention_mask_BT.sum()) / max(timings["timing/step"], 1e-9),
-            "perf/tokens_per_s_per_gpu": float(batch.attention_mask_BT.sum()) / max(timings["timing/step"], 1e-9),
+            "perf/tokens_per_s": tokens_per_s,  # this rank's, i.e. per GPU (the older name)
+            "perf/tokens_per_s_per_gpu": tokens_per_s,
         }
 
     def evaluate(self) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """``tests.launch.run_reaped``: a command that runs past its timeout is killed with everything it
-started, also children in sessions of their own (as torchrun starts its workers)."""
+started, also children detached with setsid (as torchrun starts its workers)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def test_a_timeout_kills_the_command_and_children_in_their_own_sessions(tmp_path):
+def test_a_timeout_kills_the_command_and_its_detached_children(tmp_path):
     pids = tmp_path / "pids"
     script = f"setsid sleep 600 & echo $! >> {pids}; setsid sleep 600 & echo $! >> {pids}; wait"
     with pytest.raises(subprocess.TimeoutExpired):
