@@ -57,7 +57,7 @@ def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module, tp: int) -> d
     Empty when the engine takes whole tensors; every parameter whole at tp = 1; otherwise
     ``param_shard_dims``, adjusted by the engine where it lays some tensors out differently.
     """
-    from ..models.tp_plan import param_shard_dims, replicated_dims
+    from ..distributed.tp_plan import param_shard_dims, replicated_dims
 
     if getattr(engine, "wants_full_weights", False):
         return {}

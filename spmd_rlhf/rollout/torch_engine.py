@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
 
-from spmd_rlhf.models.tp_plan import apply_tensor_parallel
+from spmd_rlhf.distributed.tp_plan import apply_tensor_parallel
 from spmd_rlhf.rollout.base import SamplingConfig, Samples, gather_tp_prompts
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from spmd_rlhf.models.tp_plan import apply_tensor_parallel, param_shard_dims, replicated_dims
+from spmd_rlhf.distributed.tp_plan import apply_tensor_parallel, param_shard_dims, replicated_dims
 from spmd_rlhf.rollout.base import RolloutEngine, SamplingConfig
 from spmd_rlhf.rollout.torch_engine import TorchEngine, sample_tokens
 from tests.distributed.workers.tiny import ARCHS, hf_logprobs, random_prompts, tiny_config, tiny_model
@@ -199,7 +199,7 @@ def test_sync_after_a_no_grad_actor_forward_sees_sharded_weights(topology):
     from spmd_rlhf.data.batch import collate
     from spmd_rlhf.distributed.reshard import reshard_stream
     from spmd_rlhf.models.parallelize import parallelize
-    from spmd_rlhf.models.tp_plan import replicated_dims
+    from spmd_rlhf.distributed.tp_plan import replicated_dims
     from spmd_rlhf.trainer.actor import Actor
 
     model = tiny_model(tiny_config("qwen2", vocab=37, tied=True), seed=3)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spmd_rlhf.distributed.reshard import tp_chunk
-from spmd_rlhf.models.tp_plan import param_shard_dims
+from spmd_rlhf.distributed.tp_plan import param_shard_dims
 from spmd_rlhf.rollout.vllm_engine import (
     EMBED, LM_HEAD, FusedLayout, copy_tp_slice, expected_writes, vllm_shard_dims, vocab_chunks_align,
 )

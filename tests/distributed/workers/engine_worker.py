@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from spmd_rlhf.distributed.reshard import reshard_stream, tp_chunk
 from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
-from spmd_rlhf.models.tp_plan import param_shard_dims
+from spmd_rlhf.distributed.tp_plan import param_shard_dims
 from spmd_rlhf.rollout.base import SamplingConfig, Samples
 from spmd_rlhf.rollout.torch_engine import TorchEngine
 from tests.distributed.workers.tiny import ARCHS, hf_logprobs, random_prompts, tiny_config, tiny_model

@@ -32,7 +32,7 @@ from transformers import Qwen2Config
 from spmd_rlhf.data.batch import collate, response_tensor
 from spmd_rlhf.distributed.reshard import full_tensor_stream, reshard_stream
 from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
-from spmd_rlhf.models.tp_plan import param_shard_dims, replicated_dims
+from spmd_rlhf.distributed.tp_plan import param_shard_dims, replicated_dims
 from spmd_rlhf.rollout import vllm_compat
 from spmd_rlhf.rollout.base import SamplingConfig, Samples
 from spmd_rlhf.rollout.torch_engine import TorchEngine
