@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from spmd_rlhf.trainer.checkpoint import HF_DIR, CheckpointError, is_complete, load_model_weights, newest_checkpoint
+from spmd_rlhf.trainer.checkpoint import load_model_weights
+from spmd_rlhf.trainer.checkpoint_files import HF_DIR, CheckpointError, is_complete, newest_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from spmd_rlhf.trainer.checkpoint import LATEST, is_complete, step_folder_name
+from spmd_rlhf.trainer.checkpoint_files import LATEST, is_complete, step_folder_name
 from tests.integration.exit_census import CENSUS_DIR_VAR
 from tests.launch import REPO_ROOT, child_env, children, free_port
 

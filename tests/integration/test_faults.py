@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from spmd_rlhf.trainer.checkpoint import is_complete, load_model_weights, newest_checkpoint, step_folder_name
+from spmd_rlhf.trainer.checkpoint import load_model_weights
+from spmd_rlhf.trainer.checkpoint_files import is_complete, newest_checkpoint, step_folder_name
 from tests.integration import reward_raises_on_rank1
 from tests.integration.jobs import (
     Job,

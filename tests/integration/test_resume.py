@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spmd_rlhf.trainer.checkpoint import is_complete, load_model_weights, step_folder_name
+from spmd_rlhf.trainer.checkpoint import load_model_weights
+from spmd_rlhf.trainer.checkpoint_files import is_complete, step_folder_name
 from tests.integration.jobs import (
     Job,
     assert_clean_exit,

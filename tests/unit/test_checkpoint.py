@@ -17,13 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
-from spmd_rlhf.trainer.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    ModelOptimizerState,
-    RNGState,
-    step_folder_name,
-)
+from spmd_rlhf.trainer.checkpoint import CheckpointError, CheckpointManager, ModelOptimizerState, RNGState
+from spmd_rlhf.trainer.checkpoint_files import step_folder_name
 from spmd_rlhf.trainer.preemption import PreemptionHandler
 from spmd_rlhf.trainer.schedule import build_scheduler
 from tests.launch import child_env
@@ -115,13 +110,13 @@ def test_missing_component_is_a_checkpoint_error(tmp_path):
 
 CRASHING_SAVE = textwrap.dedent("""
     import os, sys, torch
-    from spmd_rlhf.trainer import checkpoint
+    from spmd_rlhf.trainer import checkpoint, checkpoint_files
     where, directory = sys.argv[1], sys.argv[2]
     manager = checkpoint.CheckpointManager(directory, keep_last=3)
     manager.save(1, {"trainer": {"weights": torch.full((4,), 1.0), "step": 1}})
     def crash(*args, **kwargs):
         os._exit(17)  # like a kill: no exception handling, no cleanup
-    setattr(checkpoint, where, crash)
+    setattr(checkpoint_files, where, crash)
     manager.save(2, {"trainer": {"weights": torch.full((4,), 2.0), "step": 2}})
 """)
 
