@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import Config, ConfigError, micro_batch_tokens, register_configs, validate
+from .config import Config, ConfigError, check_tp_shapes, micro_batch_tokens, register_configs, validate
 from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
 from .data.loader import PromptLoader
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
@@ -34,6 +34,7 @@ from .models.load import eos_token_ids, load_tokenizer, model_config
 from .rewards.model import RewardModel
 from .rewards.registry import RewardScorer
 from .rollout.build import build_engine, sync_shard_dims
+from .rollout.vllm_checks import check_vllm
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
 from .trainer.checkpoint import CheckpointError, CheckpointManager
@@ -227,6 +228,11 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         check_torchrun_restart()
         validate(cfg, env.world_size)
         tokenizer = load_tokenizer(cfg)
+        hf_config = model_config(cfg, tokenizer)
+        heads = hf_config.num_attention_heads
+        check_tp_shapes(cfg, heads, getattr(hf_config, "num_key_value_heads", None) or heads,
+                        hf_config.intermediate_size)
+        check_vllm(cfg, hf_config)
         train, val = load_data(cfg, tokenizer)
         scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
         check_reward_model(cfg, tokenizer)
