@@ -15,6 +15,14 @@ CUDA, gloo on CPU) with a collective timeout, and builds three named views over 
   ``[Replicate(), Replicate(), Shard(d)]`` (see ``reshard.py``).
 
 All three are flattenings of one root mesh, so rank ``r`` has the same coordinates in each.
+
+Split placement (``generation_ranks = G > 0``): the first ``T = world - G`` ranks only train, the
+last ``G`` only generate. The training mesh ``(dp_replicate, dp_shard)`` then spans the training
+ranks, the generation mesh ``(gen_dp, tp)`` the generation ranks, and there is no reshard mesh
+(weights cross between the two sets by ``cross_reshard``). Creating a group is collective over the
+world, so every rank builds both meshes; a rank outside one gets ``None`` for it.
+
+Every group built here has the collective timeout (torch gives sub-groups 30 minutes otherwise).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as C10dBackend
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 log = logging.getLogger(__name__)
@@ -93,9 +102,14 @@ class Topology:
     env: LaunchEnv
     device: torch.device
     backend: str
-    train_mesh: DeviceMesh  # (dp_replicate, dp_shard)
-    gen_mesh: DeviceMesh  # (gen_dp, tp)
-    reshard_mesh: DeviceMesh  # (dp_replicate, gen_in_shard, tp)
+    train_mesh: DeviceMesh | None  # (dp_replicate, dp_shard); None on generation-only ranks
+    gen_mesh: DeviceMesh | None  # (gen_dp, tp); None on training-only ranks
+    reshard_mesh: DeviceMesh | None  # (dp_replicate, gen_in_shard, tp); colocated only
+    tp: int
+    placement: str  # "colocate" | "split"
+    train_ranks: list[int]
+    gen_ranks: list[int]
+    train_flat_mesh: DeviceMesh | None = None  # split: 1-D over the training ranks (their group)
 
     @property
     def rank(self) -> int:
@@ -110,28 +124,45 @@ class Topology:
         return self.env.rank == 0
 
     @property
-    def dp_size(self) -> int:
-        return self.train_mesh.size()
+    def is_training(self) -> bool:
+        return self.env.rank in self.train_ranks
 
     @property
-    def tp(self) -> int:
-        return self.gen_mesh["tp"].size()
+    def is_generating(self) -> bool:
+        return self.env.rank in self.gen_ranks
+
+    @property
+    def train_group(self) -> dist.ProcessGroup | None:
+        """The training ranks' group: the world colocated; None on a generation-only rank."""
+        if self.placement == "colocate":
+            return dist.group.WORLD
+        return self.train_flat_mesh.get_group() if self.is_training else None
+
+    @property
+    def dp_size(self) -> int:
+        """Number of training ranks."""
+        return len(self.train_ranks)
 
     @property
     def gen_dp(self) -> int:
-        return self.gen_mesh["gen_dp"].size()
+        """Number of engine replicas."""
+        return len(self.gen_ranks) // self.tp
 
     @property
     def tp_rank(self) -> int:
+        assert self.gen_mesh is not None, "tp_rank exists on generating ranks only"
         return self.gen_mesh["tp"].get_local_rank()
 
     @property
     def gen_dp_rank(self) -> int:
+        assert self.gen_mesh is not None, "gen_dp_rank exists on generating ranks only"
         return self.gen_mesh["gen_dp"].get_local_rank()
 
     @property
-    def fsdp_mesh(self) -> DeviceMesh:
-        """The mesh handed to ``fully_shard``: 1-D over dp_shard, or 2-D for HSDP."""
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """The mesh handed to ``fully_shard``: 1-D over dp_shard, or 2-D for HSDP (None off the training ranks)."""
+        if self.train_mesh is None:
+            return None
         if self.train_mesh["dp_replicate"].size() == 1:
             return self.train_mesh["dp_shard"]
         return self.train_mesh
@@ -144,14 +175,17 @@ def _pick_device(local_rank: int) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEnv | None = None) -> Topology:
-    """Start the default process group and build the meshes.
+def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEnv | None = None,
+                     generation_ranks: int = 0) -> Topology:
+    """Start the default process group and build the meshes (``generation_ranks`` 0: colocated).
 
-    Sizes must already be validated (``config.validate``): world = dp_replicate * dp_shard and
-    tp divides dp_shard.
+    Sizes must already be validated (``config.validate``): colocated, world = dp_replicate *
+    dp_shard and tp divides dp_shard; split, dp_replicate divides the training ranks and tp the
+    generation ranks.
     """
     env = env or read_launch_env()
     device, backend = _pick_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         if env.launcher == "single" and not env.master_port:
@@ -162,20 +196,21 @@ def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEn
             backend=backend,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if backend == "nccl" else None,
         )
     world = dist.get_world_size()
+    options = _group_options(backend, timeout)
+    if generation_ranks:
+        return _split(env, device, backend, world, dp_replicate, tp, generation_ranks, options)
     assert world % dp_replicate == 0, "validated earlier"
     dp_shard = world // dp_replicate
     assert dp_shard % tp == 0, "validated earlier"
-    root = init_device_mesh(
-        device.type,
-        (dp_replicate, dp_shard // tp, tp),
-        mesh_dim_names=("dp_replicate", "gen_in_shard", "tp"),
-    )
-    root["gen_in_shard", "tp"]._flatten("dp_shard")
-    root["dp_replicate", "gen_in_shard"]._flatten("gen_dp")
+    shape = {"dp_replicate": dp_replicate, "gen_in_shard": dp_shard // tp, "tp": tp}
+    root = init_device_mesh(device.type, tuple(shape.values()), mesh_dim_names=tuple(shape),
+                            backend_override=_overrides(shape, world, options))
+    root["gen_in_shard", "tp"]._flatten("dp_shard", _override(dp_shard, world, options))
+    root["dp_replicate", "gen_in_shard"]._flatten("gen_dp", _override(dp_replicate * dp_shard // tp, world, options))
     with warnings.catch_warnings():
         # Slicing flattened dims from the root keeps all three meshes views of one root, which
         # is what makes rank coordinates agree; torch warns that this will change.
@@ -183,7 +218,56 @@ def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEn
         train_mesh = root["dp_replicate", "dp_shard"]
         gen_mesh = root["gen_dp", "tp"]
     _ROOT_MESHES.append(root)
-    return Topology(env=env, device=device, backend=backend, train_mesh=train_mesh, gen_mesh=gen_mesh, reshard_mesh=root)
+    ranks = list(range(world))
+    return Topology(env=env, device=device, backend=backend, train_mesh=train_mesh, gen_mesh=gen_mesh,
+                    reshard_mesh=root, tp=tp, placement="colocate", train_ranks=ranks, gen_ranks=ranks)
+
+
+def _split(env: LaunchEnv, device: torch.device, backend: str, world: int, dp_replicate: int, tp: int,
+           generation_ranks: int, options) -> Topology:
+    """Training mesh over the first ``world - G`` ranks, generation mesh over the last ``G``;
+    built on every rank (group creation is collective), kept only where the rank belongs."""
+    trainers = world - generation_ranks
+    assert trainers >= 1 and trainers % dp_replicate == 0 and generation_ranks % tp == 0, "validated earlier"
+    train_shape = {"dp_replicate": dp_replicate, "dp_shard": trainers // dp_replicate}
+    gen_shape = {"gen_dp": generation_ranks // tp, "tp": tp}
+    train_root = _mesh(device, range(0, trainers), train_shape, world, options)
+    gen_root = _mesh(device, range(trainers, world), gen_shape, world, options)
+    flat = train_root["dp_shard"] if dp_replicate == 1 else train_root._flatten("train", options)
+    train_ranks, gen_ranks = list(range(trainers)), list(range(trainers, world))
+    _ROOT_MESHES.extend([train_root, gen_root])
+    training, generating = env.rank in train_ranks, env.rank in gen_ranks
+    return Topology(env=env, device=device, backend=backend, train_mesh=train_root if training else None,
+                    gen_mesh=gen_root if generating else None, reshard_mesh=None, tp=tp, placement="split",
+                    train_ranks=train_ranks, gen_ranks=gen_ranks, train_flat_mesh=flat if training else None)
+
+
+def _mesh(device: torch.device, ranks: range, shape: dict[str, int], world: int, options) -> DeviceMesh:
+    """A mesh over ``ranks`` (every rank of the world must call this)."""
+    mesh = torch.arange(ranks.start, ranks.stop).view(*shape.values())
+    overrides = _overrides(shape, world, options)
+    return DeviceMesh(device.type, mesh, mesh_dim_names=tuple(shape),
+                      backend_override=tuple(overrides.get(name, (None, None)) for name in shape))
+
+
+def _group_options(backend: str, timeout: datetime.timedelta):
+    """Backend options that carry the collective timeout into every sub-group a mesh creates."""
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False
+    else:
+        options = C10dBackend.Options(backend, timeout)
+    options._timeout = timeout
+    return options
+
+
+def _override(size: int, world: int, options):
+    """A dim of the whole world reuses the default group (which has the timeout); smaller ones get it."""
+    return None if size == world else (None, options)
+
+
+def _overrides(shape: dict[str, int], world: int, options) -> dict[str, tuple]:
+    return {name: (None, options) for name, size in shape.items() if size != world}
 
 
 def _free_port() -> int:

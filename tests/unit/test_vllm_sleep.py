@@ -7,12 +7,15 @@ weights a level-2 sleep discarded.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from spmd_rlhf.rollout import vllm_compat
 from spmd_rlhf.rollout.base import SamplingConfig
 from spmd_rlhf.rollout.vllm_engine import VLLMEngine
+from spmd_rlhf.rollout.vllm_memory import VLLMMemory
 
 
 class FakeModel(torch.nn.Module):
@@ -24,6 +27,14 @@ class FakeModel(torch.nn.Module):
 class OneRank:
     def size(self) -> int:
         return 1
+
+
+class OwnWorld:
+    """The colocated world: nothing to enter."""
+
+    @contextlib.contextmanager
+    def entered(self):
+        yield
 
 
 class FakeLLM:
@@ -42,8 +53,8 @@ class FakeLLM:
 def engine(monkeypatch):
     calls: list = []
     eng = object.__new__(VLLMEngine)  # the state machine only; construction needs vLLM
-    eng.llm, eng.sleep_enabled, eng.sleep_level = FakeLLM(calls), True, 2
-    eng._asleep, eng._buffers, eng._weights_loaded, eng.weight_version = set(), {}, False, 0
+    eng.llm, eng._memory, eng._world = FakeLLM(calls), VLLMMemory("cpu", 2, enabled=True), OwnWorld()
+    eng._weights_loaded, eng.weight_version = False, 0
     eng.wants_full_weights, eng.device, eng.tp_mesh = True, torch.device("cpu"), OneRank()
     monkeypatch.setattr(vllm_compat, "driver_model", lambda llm: llm.model)
     monkeypatch.setattr(vllm_compat, "load_full_weights", lambda llm, weights, device: calls.append(("load",)))
@@ -63,18 +74,18 @@ def test_step_order_and_level2_buffers(engine):
     assert torch.equal(eng.llm.model.cos_sin_cache, torch.arange(4.0)), "buffers restored on waking"
     eng.load_weights([[("w", torch.zeros(1))]])
     assert calls == [("wake_up", ("weights",)), ("load",), ("reset_prefix_cache",)]
-    assert "kv_cache" in eng._asleep, "the KV cache wakes only when generating (after any actor offload)"
+    assert "kv_cache" in eng._memory.asleep, "the KV cache wakes only when generating (after any actor offload)"
     assert eng.weight_version == 2 and eng._weights_loaded
 
 
 def test_level1_keeps_weights_and_cpu_never_sleeps(engine):
     eng, calls = engine
-    eng.sleep_level = 1
+    eng._memory.level = 1
     eng.load_weights([])
     eng.sleep()
     assert eng._weights_loaded and ("sleep", 1) in calls
     eng.wake()
-    eng.sleep_enabled, eng._asleep = False, set()
+    eng._memory.enabled, eng._memory.asleep = False, set()
     calls.clear()
     eng.sleep()
     eng.wake()

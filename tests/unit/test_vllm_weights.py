@@ -14,7 +14,7 @@ import torch
 
 from spmd_rlhf.distributed.reshard import tp_chunk
 from spmd_rlhf.distributed.tp_plan import param_shard_dims
-from spmd_rlhf.rollout.vllm_engine import (
+from spmd_rlhf.rollout.vllm_layout import (
     EMBED, LM_HEAD, FusedLayout, copy_tp_slice, expected_writes, vllm_shard_dims, vocab_chunks_align,
 )
 from tests.distributed.workers.tiny import ARCHS, tiny_config, tiny_model
