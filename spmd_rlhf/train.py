@@ -24,7 +24,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import Config, ConfigError, check_tp_shapes, micro_batch_tokens, register_configs, validate
+from .config import (Config, ConfigError, check_tp_shapes, dedicated_generation_ranks, micro_batch_tokens,
+                     register_configs, validate)
 from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
 from .data.loader import PromptLoader
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
@@ -241,7 +242,8 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
                               f"{cfg.trainer.batch_size}; lower trainer.batch_size or add data")
     except (ValueError, OSError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
-    topo = init_distributed(cfg.distributed.dp_replicate, cfg.distributed.tp, cfg.distributed.timeout_s, env)
+    topo = init_distributed(cfg.distributed.dp_replicate, cfg.distributed.tp, cfg.distributed.timeout_s, env,
+                            generation_ranks=dedicated_generation_ranks(cfg))
     try:
         return train_on(topo, cfg, run_dir, tokenizer, train, val, scorer, config_dict)
     except BaseException as err:
