@@ -3,7 +3,9 @@
 Gradients are exact across world sizes: every loss is normalised by GLOBAL counts (tokens or
 sequences of the whole mini-batch, summed over ranks) and multiplied by the data-parallel size,
 which FSDP's gradient averaging divides back out. One step from the same batch therefore gives
-the same weights on 1, 2 or 4 ranks, up to float summation order.
+the same weights on 1, 2 or 4 ranks, up to float summation order. The step itself (micro-batch
+loop, backward, clip, non-finite skip, optimizer and schedule) is ``learner.Learner``'s; the actor
+supplies the policy loss of a micro-batch.
 
 Speed: log-probs and entropies come from the chunked lm_head of ``models/logprobs.py`` at
 response positions only (no full-vocabulary fp32 logits); micro-batches are padded rows or, with
@@ -16,20 +18,18 @@ importance weights and the engine/actor mismatch itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from ..algorithms.correction import mismatch_sums, truncated_is_weights
 from ..algorithms.kl import kl_penalty
 from ..algorithms.losses import aggregate_loss, gspo_policy_loss, masked_sum, policy_loss
 from ..config import AlgorithmConfig
 from ..data.batch import TokenBatch
-from ..distributed.comm import all_reduce_floats
-from .micro import MicroBatcher, micro_logprobs
+from .learner import Learner
+from .micro import Micro, MicroBatcher, micro_logprobs
 
 
 @dataclass
@@ -58,17 +58,16 @@ class PolicyTargets:
         return self._map(lambda t: None if t is None else t.to(device, non_blocking=True))
 
 
-class Actor:
+class Actor(Learner):
+    """The policy: log-probs of token batches, and the policy-gradient update."""
+
+    namespace = "actor"
+    whole = ("actor/pg_loss", "actor/kl_loss", "rollout/logprob_diff/max")
+
     def __init__(self, model, optimizer, scheduler, dp_size: int, grad_clip: float, device: torch.device,
                  batcher: MicroBatcher | None = None):
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.dp_size = dp_size
-        self.grad_clip = grad_clip
-        self.device = device
+        super().__init__(model, optimizer, scheduler, dp_size, grad_clip, device)
         self.batcher = batcher or MicroBatcher()
-        self.skipped_steps = 0
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float, model=None) -> torch.Tensor:
@@ -123,60 +122,18 @@ class Actor:
                temperature: float, norm_constant: float | None = None) -> dict[str, float]:
         """One optimizer step on ``batch`` (this rank's part of a mini-batch). ``norm_constant``
         is the divisor of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO)."""
-        self.model.train()
         self.batcher.prepare(self.model)
-        # at least 1: a mini-batch whose every group was filtered out contributes zero loss, not NaN
-        num_tokens, num_seqs = all_reduce_floats([float(batch.loss_mask_BT.sum()), float(batch.size)])
-        agg = dict(mode=algo.loss_agg_mode, num_tokens=max(num_tokens, 1.0), num_seqs=num_seqs,
-                   norm_constant=norm_constant)
+        num_tokens, num_seqs = self.global_counts(batch)
+        agg = dict(mode=algo.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=norm_constant)
         device_batch = self.batcher.to_device(batch, self.device)
         device_targets = targets.to(self.device)
-        totals: dict[str, torch.Tensor] = {}
-        for micro in self.batcher.plan(batch, micro_batch_size, self.device):
+
+        def micro_loss(micro: Micro) -> tuple[torch.Tensor, dict]:
             logprobs_BT, entropy_BT = micro_logprobs(self.model, micro, device_batch, temperature,
                                                      self.batcher.chunk_tokens, with_entropy=True,
                                                      entropy_grad=algo.entropy_coef > 0)
             mask_BT = device_batch.loss_mask_BT[micro.rows, : micro.width]
-            loss, stats = self._micro_loss(logprobs_BT, entropy_BT, mask_BT, device_targets.select(micro.rows, micro.width),
-                                           algo, agg)
-            (loss * self.dp_size).backward()
-            for key, value in stats.items():
-                if key.endswith("/max"):
-                    totals[key] = torch.maximum(totals[key], value) if key in totals else value
-                else:
-                    totals[key] = totals[key] + value if key in totals else value
-        return self._finish_step(totals)
+            return self._micro_loss(logprobs_BT, entropy_BT, mask_BT, device_targets.select(micro.rows, micro.width),
+                                    algo, agg)
 
-    def _finish_step(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
-        keys = sorted(totals)
-        values = dict(zip(keys, torch.stack([totals[k].float() for k in keys]).tolist())) if keys else {}
-        tokens = max(values.pop("_tokens", 0.0), 1.0)
-        whole = ("actor/pg_loss", "actor/kl_loss", "rollout/logprob_diff/max")
-        metrics = {k: (v if k in whole else v / tokens) for k, v in values.items()}
-        metrics["actor/grad_norm"], metrics["actor/lr"], stepped = optimizer_step(
-            self.model, self.optimizer, self.scheduler, self.grad_clip)
-        self.skipped_steps += not stepped
-        metrics["actor/skipped_steps"] = float(self.skipped_steps)
-        return metrics
-
-
-def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> tuple[float, float, bool]:
-    """Clip, then step optimizer and schedule unless the gradient norm is non-finite (the step is
-    skipped); gradients are cleared either way. Returns (grad norm, lr of this step, stepped)."""
-    grad_norm = clip_grad_norm(model, grad_clip)
-    lr = scheduler.get_last_lr()[0]
-    stepped = math.isfinite(grad_norm)
-    if stepped:
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr, stepped
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global gradient norm over all shards (clipped to ``max_norm`` when > 0)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return float(norm)
+        return self._step(self.batcher.plan(batch, micro_batch_size, self.device), micro_loss)

@@ -8,19 +8,18 @@ al., 2017, whose value loss is unclipped) on a backbone of its own, not shared w
 (as in InstructGPT), with the actor's normalisation: the loss is divided by GLOBAL
 counts (tokens or sequences of the whole mini-batch, summed over ranks) and multiplied by the
 data-parallel size, which FSDP's gradient averaging divides back out, so one update gives the same
-weights on any number of ranks up to float summation order.
+weights on any number of ranks up to float summation order. The step itself is
+``learner.Learner``'s; the critic supplies the value loss of a micro-batch.
 """
 
 from __future__ import annotations
-
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 
 from ..algorithms.losses import value_loss
 from ..data.batch import TokenBatch, micro_batches
-from ..distributed.comm import all_reduce_floats
-from .actor import optimizer_step
+from .learner import Learner
 
 
 def token_values(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -35,15 +34,11 @@ def token_values(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     return out.logits[:, :-1, 0].float()
 
 
-class Critic:
-    def __init__(self, model, optimizer, scheduler, dp_size: int, grad_clip: float, device: torch.device):
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.dp_size = dp_size
-        self.grad_clip = grad_clip
-        self.device = device
-        self.skipped_steps = 0
+class Critic(Learner):
+    """The value model: values of token batches, and the clipped value-loss update."""
+
+    namespace = "critic"
+    whole = ("critic/vf_loss",)
 
     @torch.no_grad()
     def values(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
@@ -66,30 +61,19 @@ class Critic:
         divisor of the ``seq-mean-token-sum-norm`` aggregation.
         """
         assert old_values_BT.shape == returns_BT.shape == batch.loss_mask_BT.shape
-        self.model.train()
-        # at least 1: a mini-batch with no response token contributes zero loss, not NaN
-        num_tokens, num_seqs = all_reduce_floats([float(batch.loss_mask_BT.sum()), float(batch.size)])
-        num_tokens = max(num_tokens, 1.0)
-        totals: dict[str, float] = {"critic/vf_loss": 0.0}
-        tokens = 0.0
-        for rows in micro_batches(batch.size, micro_batch_size):
+        num_tokens, num_seqs = self.global_counts(batch)
+
+        def micro_loss(rows: slice) -> tuple[torch.Tensor, dict]:
             micro = batch.select(rows).to(self.device)
             width = micro.loss_mask_BT.shape[1]
             old_BT, returns_mb_BT = (t[rows, :width].to(self.device) for t in (old_values_BT, returns_BT))
             loss, stats = value_loss(token_values(self.model, micro), old_BT, returns_mb_BT, micro.loss_mask_BT,
                                      clip_range, agg_mode, num_tokens, num_seqs, norm_constant=norm_constant)
-            (loss * self.dp_size).backward()
-            micro_tokens = float(micro.loss_mask_BT.sum())
-            totals["critic/vf_loss"] += float(loss.detach()) * self.dp_size  # rank mean = the global loss
-            for key, value in stats.items():
-                totals[f"critic/{key}"] = totals.get(f"critic/{key}", 0.0) + float(value) * micro_tokens
-            tokens += micro_tokens
-        metrics = {k: (v if k == "critic/vf_loss" else v / max(tokens, 1.0)) for k, v in totals.items()}
-        return self._finish_step(metrics)
+            # token-weighted sums, in float64
+            tokens = micro.loss_mask_BT.sum().double()
+            metrics = {f"critic/{key}": value.double() * tokens for key, value in stats.items()}
+            metrics["critic/vf_loss"] = loss.detach().double() * self.dp_size  # rank mean = the global loss
+            metrics["_tokens"] = tokens
+            return loss, metrics
 
-    def _finish_step(self, metrics: dict[str, float]) -> dict[str, float]:
-        metrics["critic/grad_norm"], metrics["critic/lr"], stepped = optimizer_step(
-            self.model, self.optimizer, self.scheduler, self.grad_clip)
-        self.skipped_steps += not stepped
-        metrics["critic/skipped_steps"] = float(self.skipped_steps)
-        return metrics
+        return self._step(micro_batches(batch.size, micro_batch_size), micro_loss)

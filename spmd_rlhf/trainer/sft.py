@@ -15,7 +15,7 @@ from ..algorithms.losses import logprobs_from_logits, masked_sum
 from ..config import SFTWarmupConfig
 from ..data.batch import collate
 from ..distributed.comm import all_reduce_floats
-from .actor import clip_grad_norm
+from .learner import clip_grad_norm
 from .micro import token_logits
 from .schedule import build_scheduler
 
