@@ -6,6 +6,11 @@ A reward function has the verl signature::
 
 and is called with keyword arguments. A dict result must contain ``"score"``; its other numeric
 entries are reported as metrics ``reward/extra/<key>`` (averaged over the responses that gave them).
+
+Sandboxed rewards (code execution, math-verify) are planned instead: ``plan(solution_str, ground_truth,
+extra_info, ctx) -> RewardPlan`` lists sandbox jobs and how their outcomes become the reward. The
+scorer runs the jobs of a whole batch together on its sandbox pools; ``get_reward_fn`` still returns a
+function with the signature above (it starts a short-lived pool per call: slow, for ad-hoc use).
 """
 
 from __future__ import annotations
@@ -24,12 +29,40 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..sandbox import SandboxLimits
+from .sandboxed import CODE_SCORES, PlanFn, RewardContext, RewardPlan, RewardTimedOut, SandboxRunner, run_plan
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Any]
 _REGISTRY: dict[str, RewardFn] = {}
-_BUILTIN_MODULES = ("spmd_rlhf.rewards.math",)
+_BUILTIN_MODULES = ("spmd_rlhf.rewards.math", "spmd_rlhf.rewards.math_equiv", "spmd_rlhf.rewards.code")
 _CUSTOM_KEY = "reward.custom_function"
+_SANDBOXED: dict[str, PlanFn] = {}
+def register_sandboxed_reward(*data_sources: str) -> Callable[[PlanFn], PlanFn]:
+    """Register ``plan(solution_str, ground_truth, extra_info, ctx) -> RewardPlan`` for ``data_sources``.
+
+    The registry also gets a plain reward function (the verl signature) that runs the plan with the
+    default RewardContext on a short-lived pool.
+    """
+    if not data_sources:
+        raise ValueError("register_sandboxed_reward needs at least one data source name")
+
+    def decorator(plan: PlanFn) -> PlanFn:
+        def adapter(
+            data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None
+        ) -> Any:
+            del data_source
+            return run_plan(plan(solution_str, ground_truth, extra_info, RewardContext()))
+
+        adapter.__name__ = adapter.__qualname__ = f"{plan.__name__}_reward"
+        adapter.__doc__ = plan.__doc__
+        for source in data_sources:
+            _REGISTRY[source] = adapter
+            _SANDBOXED[source] = plan
+        return plan
+
+    return decorator
 
 
 def register_reward(*data_sources: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -165,6 +198,10 @@ def _interpret(result: Any) -> tuple[float, dict[str, float]]:
 class RewardScorer:
     """Scores responses with per-source built-ins or one custom function, never raising for a bad call.
 
+    Code and math sources are scored in sandbox pools (started on first use; ``close()`` ends them):
+    ``sandbox_limits`` bound each test program, ``sandbox_workers`` is the size of each pool,
+    ``code_score`` is "fraction" or "all_pass", ``math_timeout_s`` bounds one math-verify check.
+
     A call that raises, returns a non-finite or non-numeric value, or runs past ``timeout_s`` scores
     0.0 and is counted in ``reward/errors`` or ``reward/timeouts``.
 
@@ -175,7 +212,9 @@ class RewardScorer:
     """
 
     def __init__(
-        self, custom_function: str | None, timeout_s: float, default_source: str | None = None
+        self, custom_function: str | None, timeout_s: float, default_source: str | None = None, *,
+        sandbox_limits: SandboxLimits | None = None, sandbox_workers: int | None = None,
+        code_score: str = "fraction", math_timeout_s: float = 5.0,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0 seconds")
@@ -189,6 +228,17 @@ class RewardScorer:
         self.default_source = default_source
         self._logged: set[str] = set()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if code_score not in CODE_SCORES:
+            raise ValueError(f"reward.code_score={code_score!r} must be one of {', '.join(CODE_SCORES)}")
+        if not math_timeout_s > 0:
+            raise ValueError(f"reward.math_timeout_s={math_timeout_s} must be > 0 seconds")
+        limits = sandbox_limits or SandboxLimits()
+        limits.validate("reward.sandbox")
+        self.sandbox_workers = sandbox_workers or min(4, os.cpu_count() or 1)
+        if self.sandbox_workers < 1:
+            raise ValueError(f"reward.sandbox.workers={sandbox_workers} must be >= 1")
+        self.context = RewardContext(limits, code_score, float(math_timeout_s))
+        self.sandbox = SandboxRunner(self.sandbox_workers, limits)  # pools start on the first sandboxed row
 
     def resolve(self, data_source: str) -> RewardFn:
         """The function that scores ``data_source`` (raises ValueError for an unknown source)."""
@@ -197,6 +247,55 @@ class RewardScorer:
         if data_source not in known_sources() and self.default_source is not None:
             return get_reward_fn(self.default_source)
         return get_reward_fn(data_source)
+
+    def _plan_fn(self, data_source: str) -> PlanFn | None:
+        """The sandboxed plan that scores ``data_source``, or None when a plain function does."""
+        if self.custom_fn is not None:
+            return None
+        _load_builtins()
+        if data_source not in _REGISTRY and self.default_source is not None:
+            data_source = self.default_source
+        return _SANDBOXED.get(data_source)
+
+    def _failure(self, source: str, exc: BaseException) -> tuple[float, dict[str, float], str]:
+        """Score 0 for a failed call, logged once per kind: (0.0, {}, "timeout" or "error")."""
+        if isinstance(exc, (_RewardTimeout, RewardTimedOut)):
+            self._log_once("timeout", f"reward for data_source {source!r} exceeded its time limit "
+                           f"({exc or f'reward.timeout_s={self.timeout_s}'}); scored 0.0")
+            return 0.0, {}, "timeout"
+        if isinstance(exc, _BadValue):
+            self._log_once("bad value", f"reward for data_source {source!r}: {exc}; scored 0.0")
+        else:
+            self._log_once("exception", f"reward for data_source {source!r} raised "
+                           f"{type(exc).__name__}: {exc}; scored 0.0")
+        return 0.0, {}, "error"
+
+    def score_sandboxed(self, rows: list[dict[str, Any]]) -> list[tuple[float, dict[str, float], str | None]]:
+        """Score rows whose data source has a sandboxed reward: plan each, run every job of the batch
+        on the pools together, finish each. Results as ``score_one``'s."""
+        results: list[tuple[float, dict[str, float], str | None] | None] = [None] * len(rows)
+        plans: dict[int, RewardPlan] = {}
+        for i, row in enumerate(rows):
+            plan_fn = self._plan_fn(row["data_source"])
+            assert plan_fn is not None
+            try:
+                plans[i] = plan_fn(row["solution_str"], row["ground_truth"], row["extra_info"], self.context)
+            except Exception as exc:  # a malformed ground truth must not crash the run
+                results[i] = self._failure(row["data_source"], exc)
+        jobs = [job for plan in plans.values() for job in plan.jobs]
+        outcomes = iter(self.sandbox.run(jobs) if jobs else [])
+        for i, plan in plans.items():
+            mine = [next(outcomes) for _ in plan.jobs]
+            try:
+                results[i] = (*_interpret(plan.finish(mine)), None)
+            except Exception as exc:
+                results[i] = self._failure(rows[i]["data_source"], exc)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """End the sandbox pools (every worker process and what it started). Call at the end of a run;
+        a later ``score`` starts them again."""
+        self.sandbox.close()
 
     def _call_with_alarm(self, fn: RewardFn, kwargs: dict[str, Any]) -> Any:
         """Run ``fn`` on the main thread under a SIGALRM timer; restores the previous handler/timer."""
@@ -240,24 +339,10 @@ class RewardScorer:
     def score_one(self, kwargs: dict[str, Any]) -> tuple[float, dict[str, float], str | None]:
         """Score one response: (score, extra metrics, failure kind or None)."""
         fn = self.resolve(kwargs["data_source"])
-        source = kwargs["data_source"]
         try:
             return (*_interpret(self._call(fn, kwargs)), None)
-        except _RewardTimeout:
-            self._log_once(
-                "timeout", f"reward for data_source {source!r} exceeded "
-                f"reward.timeout_s={self.timeout_s}; scored 0.0",
-            )
-            return 0.0, {}, "timeout"
-        except _BadValue as exc:
-            self._log_once("bad value", f"reward for data_source {source!r}: {exc}; scored 0.0")
-            return 0.0, {}, "error"
-        except Exception as exc:  # a user reward function may raise anything; never crash the run
-            self._log_once(
-                "exception", f"reward for data_source {source!r} raised "
-                f"{type(exc).__name__}: {exc}; scored 0.0",
-            )
-            return 0.0, {}, "error"
+        except (_RewardTimeout, Exception) as exc:  # a user reward function may raise anything
+            return self._failure(kwargs["data_source"], exc)
 
     def score(
         self,
@@ -271,16 +356,19 @@ class RewardScorer:
         lengths = {len(data_sources), len(responses), len(ground_truths), len(extra_infos)}
         if len(lengths) != 1:
             raise ValueError(f"RewardScorer.score: argument lists differ in length ({lengths})")
+        rows = [
+            dict(data_source=source, solution_str=response, ground_truth=truth, extra_info=extra)
+            for source, response, truth, extra in zip(data_sources, responses, ground_truths, extra_infos)
+        ]
+        for row in rows:
+            self.resolve(row["data_source"])  # an unknown source raises before anything runs
+        sandboxed = [i for i, row in enumerate(rows) if self._plan_fn(row["data_source"]) is not None]
+        results = dict(zip(sandboxed, self.score_sandboxed([rows[i] for i in sandboxed])))
         scores: list[float] = []
         counts = {"error": 0, "timeout": 0}
         extra_sums: dict[str, list[float]] = {}
-        for source, response, truth, extra in zip(
-            data_sources, responses, ground_truths, extra_infos
-        ):
-            kwargs = dict(
-                data_source=source, solution_str=response, ground_truth=truth, extra_info=extra
-            )
-            value, extras, failure = self.score_one(kwargs)
+        for i, row in enumerate(rows):
+            value, extras, failure = results[i] if i in results else self.score_one(row)
             scores.append(value)
             if failure is not None:
                 counts[failure] += 1

@@ -133,12 +133,15 @@ class _Streams:
             self.pending = self.pending[:0]
         return bool(self.pending)
 
+    def close_stdin(self) -> None:
+        if self.in_w >= 0:
+            os.close(self.in_w)
+            self.in_w = -1
+
     def close(self) -> None:
-        for fd in (self.in_w, self.out_r, self.err_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.close_stdin()
+        for fd in (self.out_r, self.err_r):
+            os.close(fd)
 
     def text(self, fd: int) -> str:
         return self.data[fd].decode("utf-8", errors="replace")
@@ -154,8 +157,7 @@ def _pump(pid: int, streams: _Streams, deadline: float) -> str | None:
         if streams.pending:
             sel.register(streams.in_w, selectors.EVENT_WRITE)
         else:
-            os.close(streams.in_w)
-            streams.in_w = -1
+            streams.close_stdin()
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -166,8 +168,9 @@ def _pump(pid: int, streams: _Streams, deadline: float) -> str | None:
                     if fd == pidfd:
                         return None
                     if fd == streams.in_w:
-                        if not streams.write_stdin():
+                        if not streams.write_stdin():  # all written: end of file for the child
                             sel.unregister(fd)
+                            streams.close_stdin()
                     elif not streams.read(fd):
                         sel.unregister(fd)
                     if streams.truncated:

@@ -64,6 +64,7 @@ class Call:
     target: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 5.0
+    preload: tuple[str, ...] = ()  # modules a pool started for this call imports up front (slow imports)
 
 
 @dataclass(frozen=True)

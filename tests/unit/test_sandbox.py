@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spmd_rlhf.sandbox import Call, Program, SandboxLimits, SandboxPool, Status
+from spmd_rlhf.sandbox import Program, SandboxLimits, SandboxPool, Status
 
 IS_ROOT = os.geteuid() == 0
 
@@ -167,8 +167,12 @@ def test_worker_killed_while_idle_is_replaced(pool: SandboxPool) -> None:
     victim = pool.worker_pids()[0]
     os.kill(victim, 9)
     assert wait_dead([victim]) == []
+    deadline = time.monotonic() + 5.0  # every thread gone and its pipes closed (a zombie leader can come first)
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{victim}/fd") and os.listdir(f"/proc/{victim}/fd"):
+        time.sleep(0.02)
     outcomes = pool.run_many([Program("print(1)")] * 4)
-    assert all(o.stdout == "1\n" for o in outcomes) and victim not in pool.worker_pids()
+    assert [o.stdout for o in outcomes] == ["1\n"] * 4, outcomes
+    assert victim not in pool.worker_pids()
 
 
 def test_call_returns_value_and_times_out(pool: SandboxPool) -> None:
@@ -199,3 +203,11 @@ def test_close_leaves_no_process() -> None:
     assert wait_dead(tree) == []
     with pytest.raises(RuntimeError, match="closed"):
         pool.run("print(1)")
+
+
+def test_stdin_without_final_newline_and_large(pool: SandboxPool) -> None:
+    assert pool.run("import sys\nprint(len(sys.stdin.read()))", stdin="12").stdout == "2\n"
+    big = "x" * (1 << 20)  # more than a pipe holds: written while the program reads
+    assert pool.run("import sys\nprint(len(sys.stdin.read()))", stdin=big).stdout == f"{1 << 20}\n"
+    unread = pool.run("print('ignored stdin')", stdin=big)  # the program never reads it
+    assert unread.status is Status.OK and unread.stdout == "ignored stdin\n"

@@ -1,0 +1,86 @@
+"""Sandboxed rewards: plans of sandbox jobs, their context, and the pools that run them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sandbox import Call, Outcome, Program, SandboxLimits, SandboxPool
+
+CODE_SCORES = ("fraction", "all_pass")
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """What sandboxed rewards take from the configuration."""
+
+    limits: SandboxLimits = field(default_factory=SandboxLimits)  # each code test program
+    code_score: str = "fraction"  # fraction of tests passed | all_pass (1.0 only when every test passes)
+    math_timeout_s: float = 5.0  # one math-verify check
+
+
+@dataclass
+class RewardPlan:
+    """Sandbox jobs for one response and ``finish(outcomes) -> reward`` (a float, or a dict with "score")."""
+
+    jobs: list[Program | Call]
+    finish: Callable[[list[Outcome]], Any]
+
+
+PlanFn = Callable[[str, str, "dict | None", RewardContext], RewardPlan]
+
+
+class RewardTimedOut(Exception):
+    """Raised by a RewardPlan's finish when its sandbox job ran out of time (scored 0, counted as a timeout)."""
+
+
+def _preload(jobs: list[Program | Call]) -> tuple[str, ...]:
+    calls = [job for job in jobs if isinstance(job, Call)]
+    return tuple(sorted({job.target.partition(":")[0] for job in calls} | {m for job in calls for m in job.preload}))
+
+
+def run_plan(plan: RewardPlan, runner: SandboxRunner | None = None) -> Any:
+    """Run ``plan``'s jobs (on ``runner``'s pools, else on short-lived ones) and finish it."""
+    if runner is not None:
+        return plan.finish(runner.run(plan.jobs) if plan.jobs else [])
+    with SandboxRunner(workers=1, limits=SandboxLimits()) as own:
+        return plan.finish(own.run(plan.jobs) if plan.jobs else [])
+
+
+class SandboxRunner:
+    """Two sandbox pools started on first use: one for Programs, one for Calls (its workers import the
+    calls' modules up front)."""
+
+    def __init__(self, workers: int, limits: SandboxLimits) -> None:
+        self.workers = workers
+        self.limits = limits
+        self._pools: dict[type, SandboxPool] = {}
+
+    def _pool(self, kind: type, jobs: list[Program | Call]) -> SandboxPool:
+        if kind not in self._pools:
+            self._pools[kind] = SandboxPool(self.workers, self.limits, preload=_preload(jobs))
+        return self._pools[kind]
+
+    def run(self, jobs: list[Program | Call]) -> list[Outcome]:
+        """Outcomes of ``jobs``, in order; programs and calls each run in parallel on their pool."""
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        for kind in (Program, Call):
+            picked = [i for i, job in enumerate(jobs) if isinstance(job, kind)]
+            if picked:
+                batch = [jobs[i] for i in picked]
+                for i, outcome in zip(picked, self._pool(kind, batch).run_many(batch)):
+                    outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """End both pools (every worker and every process they started)."""
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
+
+    def __enter__(self) -> SandboxRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
