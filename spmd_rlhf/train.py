@@ -34,14 +34,17 @@ from .models.heads import build_critic, check_model_dir, load_reward_model
 from .models.load import eos_token_ids, load_tokenizer, model_config
 from .rewards.model import RewardModel
 from .rewards.registry import RewardScorer
-from .rollout.build import build_engine, sync_shard_dims
+from .rollout.build import build_engine
+from .rollout.generation import Generation
+from .rollout.scoring import Scoring
+from .rollout.sync import WeightSync, bucket_bytes_of
 from .rollout.vllm_checks import check_vllm
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
 from .trainer.checkpoint import CheckpointError, CheckpointManager
 from .trainer.preemption import PreemptionHandler
 from .trainer.critic import Critic
-from .trainer.loop import Trainer
+from .trainer.loop import Trainer, TrainerParts
 from .trainer.metrics import MetricsLogger
 from .trainer.micro import MicroBatcher
 from .trainer.offload import ActorOffload
@@ -151,11 +154,13 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
                                    cfg.reward.model.micro_batch_size)
     with ActorOffload(actor_model, optimizer, topo.device, t.offload_actor_during_rollout):  # vLLM sizes its KV
         engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
-    shard_dims = sync_shard_dims(engine, actor_model, topo.tp)
+    sync = WeightSync(engine, actor_model, topo, bucket_bytes_of(cfg.rollout.bucket_mb))
     loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                           mini_batch=t.mini_batch_size)
-    return Trainer(cfg, topo, tokenizer, actor, reference, engine, shard_dims, scorer, loader, val, logger,
-                   critic=critic, reward_model=reward_model)
+    generation = Generation(cfg, topo, engine, loader, Scoring(cfg, tokenizer, scorer, reward_model))
+    parts = TrainerParts(tokenizer, actor, engine, sync, generation, loader, logger, val, reference=reference,
+                         critic=critic)
+    return Trainer(cfg, topo, parts)
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -272,7 +277,7 @@ def train_on(topo: Topology, cfg: Config, run_dir: str, tokenizer, train, val, s
     try:
         if resume_path is not None:
             info = checkpoints.load(resume_path, trainer.checkpoint_state())
-            trainer.saved_step = info.step
+            trainer.state.saved_step = info.step
             logger.write(f"spmd_rlhf: resumed from {info.path} (step {info.step}, saved by {info.world_size} ranks)")
         with PreemptionHandler() as preemption:
             results = trainer.run(checkpoints, preemption)

@@ -144,24 +144,15 @@ def weight_bytes(actor) -> int:
     return sum(p.numel() * 2 for p in actor.parameters())  # bf16 in the engine
 
 
-def counted(stream, box: list[int]):
-    """Pass buckets through, adding the bytes this rank received to ``box[0]``."""
-    for bucket in stream:
-        box[0] += sum(t.numel() * t.element_size() for _, t in bucket)
-        yield bucket
-
-
 def sync(engine, actor, topo, path: str, received: list[int] | None = None) -> float:
-    from spmd_rlhf.distributed.reshard import full_tensor_stream, reshard_stream
-    from spmd_rlhf.rollout.build import sync_shard_dims
+    """One weight sync through the trainer's ``WeightSync`` (tp slices, or whole tensors for ``full``)."""
+    from spmd_rlhf.rollout.sync import WeightSync
 
     engine.wants_full_weights = path == "full"
-    dims = sync_shard_dims(engine, actor, topo.tp)
-    if path == "full":
-        stream = full_tensor_stream(actor.named_parameters(), 256 * 2**20, dtype=torch.bfloat16)
-    else:
-        stream = reshard_stream(actor.named_parameters(), dims, topo.reshard_mesh, 256 * 2**20, dtype=torch.bfloat16)
-    _, seconds = timed(engine.load_weights, counted(stream, received if received is not None else [0]))
+    weights = WeightSync(engine, actor, topo, 256 * 2**20)
+    moved, seconds = timed(weights.push)
+    if received is not None:
+        received[0] += int(moved)
     return seconds
 
 
@@ -232,9 +223,11 @@ def step_times(args, topo, actor, engine, hf_config) -> dict:
     from spmd_rlhf.data.loader import PromptLoader
     from spmd_rlhf.models.build import build_reference
     from spmd_rlhf.rewards.registry import RewardScorer
-    from spmd_rlhf.rollout.build import sync_shard_dims
+    from spmd_rlhf.rollout.generation import Generation
+    from spmd_rlhf.rollout.scoring import Scoring
+    from spmd_rlhf.rollout.sync import WeightSync
     from spmd_rlhf.trainer.actor import Actor
-    from spmd_rlhf.trainer.loop import Trainer
+    from spmd_rlhf.trainer.loop import Trainer, TrainerParts
     from spmd_rlhf.trainer.schedule import build_scheduler
 
     cfg = Config()
@@ -248,13 +241,14 @@ def step_times(args, topo, actor, engine, hf_config) -> dict:
     optimizer = torch.optim.AdamW(actor.parameters(), lr=1e-6)
     trainer_actor = Actor(actor, optimizer, build_scheduler(optimizer, 0, 100), topo.dp_size, 1.0, topo.device)
     loader = PromptLoader(examples, args.train_prompts, topo.rank, topo.world_size, 0)
-    trainer = Trainer(cfg, topo, _NullTokenizer(), trainer_actor, reference, engine,
-                      sync_shard_dims(engine, actor, topo.tp), RewardScorer(cfg.reward.custom_function, 10.0),
-                      loader, [], logger=None)
+    scoring = Scoring(cfg, _NullTokenizer(), RewardScorer(cfg.reward.custom_function, 10.0))
+    parts = TrainerParts(_NullTokenizer(), trainer_actor, engine, WeightSync(engine, actor, topo, 256 * 2**20),
+                         Generation(cfg, topo, engine, loader, scoring), loader, None, [], reference=reference)
+    trainer = Trainer(cfg, topo, parts)
     records = []
     for _ in range(args.steps):
         metrics = trainer.train_step()
-        trainer.step += 1
+        trainer.state.step += 1
         records.append({k: v for k, v in metrics.items() if k.startswith(("timing/", "perf/", "rollout/"))})
     last = records[-1]
     tokens = args.train_prompts * args.n * (args.prompt_len + args.gen_len)

@@ -76,9 +76,11 @@ def build_trainer(args, topo, hf_config, actor_model, engine, cfg):
     from spmd_rlhf.data.loader import PromptLoader
     from spmd_rlhf.models.build import build_reference
     from spmd_rlhf.rewards.registry import RewardScorer
-    from spmd_rlhf.rollout.build import sync_shard_dims
+    from spmd_rlhf.rollout.generation import Generation
+    from spmd_rlhf.rollout.scoring import Scoring
+    from spmd_rlhf.rollout.sync import WeightSync, bucket_bytes_of
     from spmd_rlhf.trainer.actor import Actor
-    from spmd_rlhf.trainer.loop import Trainer
+    from spmd_rlhf.trainer.loop import Trainer, TrainerParts
     from spmd_rlhf.trainer.micro import MicroBatcher
     from spmd_rlhf.trainer.schedule import build_scheduler
     from spmd_rlhf.train import build_optimizer, needs_reference
@@ -93,8 +95,12 @@ def build_trainer(args, topo, hf_config, actor_model, engine, cfg):
     prompts = random_prompts(args.train_prompts * 8, args.prompt_len, hf_config.vocab_size, seed=5)
     examples = [PromptExample(p, "random", "0", {}, i) for i, p in enumerate(prompts)]
     loader = PromptLoader(examples, args.train_prompts, topo.rank, topo.world_size, 0)
-    return Trainer(cfg, topo, _NullTokenizer(), actor, reference, engine, sync_shard_dims(engine, actor_model, topo.tp),
-                   RewardScorer(cfg.reward.custom_function, 10.0), loader, [], logger=None)
+    tokenizer = _NullTokenizer()
+    scoring = Scoring(cfg, tokenizer, RewardScorer(cfg.reward.custom_function, 10.0))
+    sync = WeightSync(engine, actor_model, topo, bucket_bytes_of(cfg.rollout.bucket_mb))
+    parts = TrainerParts(tokenizer, actor, engine, sync, Generation(cfg, topo, engine, loader, scoring), loader, None,
+                         [], reference=reference)
+    return Trainer(cfg, topo, parts)
 
 
 def run_steps(trainer, steps: int, device) -> list[dict]:
@@ -103,7 +109,7 @@ def run_steps(trainer, steps: int, device) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         metrics = trainer.train_step()
-        trainer.step += 1
+        trainer.state.step += 1
         record = {k: v for k, v in metrics.items() if k.startswith(("timing/", "perf/", "rollout/response_length"))}
         if device.type == "cuda":
             record["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -175,7 +181,7 @@ def rollout_ab(trainer, args, hf_config, device) -> dict:
     prompts = random_prompts(args.train_prompts, args.prompt_len, hf_config.vocab_size, seed=21)
     sampling = SamplingConfig(max_new_tokens=args.gen_len, n=args.n, temperature=1.0, seed=3, ignore_eos=True)
     engine.wake()
-    trainer.sync_weights()
+    trainer.sync.push()
     for seeded in (True, False, True):
         engine.seed_per_request = seeded
         if device.type == "cuda":

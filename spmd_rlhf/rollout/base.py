@@ -61,19 +61,31 @@ class Samples:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A generation engine hosting one tensor-parallel replica per tp group."""
+    """A generation engine hosting one tensor-parallel replica per tp group.
+
+    Everything the trainer and the weight sync read of an engine is declared here; ``EngineBase``
+    gives the defaults an engine may keep.
+    """
 
     weight_version: int  # incremented by every load_weights
     # True: ``load_weights`` takes whole tensors in HF naming (``full_tensor()``), not tp slices
     wants_full_weights: bool
+    dtype: torch.dtype  # the weight sync casts to it before sending
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:
-        """Sample ``sampling.n`` completions for each of this rank's prompts."""
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Samples:
+        """Sample ``sampling.n`` completions for each of this rank's prompts; ``seeds`` (one per
+        prompt) make a prompt's samples independent of which replica draws them and of its batch."""
         ...
 
     def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
-        """Copy tensor-parallel slices (``reshard_stream`` with ``param_shard_dims``) in, or
+        """Copy tensor-parallel slices (``reshard_stream`` with ``shard_dims``) in, or
         whole tensors when ``wants_full_weights``."""
+        ...
+
+    def shard_dims(self, dims: dict[str, int | None]) -> dict[str, int | None]:
+        """The trainer's tensor-parallel plan (``distributed/tp_plan.py``) adjusted to how this
+        engine lays its parameters out."""
         ...
 
     def sleep(self) -> None:
@@ -84,16 +96,58 @@ class RolloutEngine(Protocol):
         """Undo ``sleep``; weights must be (re)loaded if sleep dropped them."""
         ...
 
+    def close(self) -> None:
+        """Release the engine's resources; called once, while the process group is alive."""
+        ...
 
-def gather_tp_prompts(tp_mesh: DeviceMesh, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-    """Concatenate the prompt lists of a tp group (rank order); returns them and this rank's offset.
+
+class EngineBase:
+    """The protocol's defaults, spelled out: tp slices in the trainer's plan unchanged, nothing to
+    release on sleep or close, version 0 before the first sync."""
+
+    weight_version: int = 0
+    wants_full_weights: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def shard_dims(self, dims: dict[str, int | None]) -> dict[str, int | None]:
+        return dims
+
+    def sleep(self) -> None:
+        return None
+
+    def wake(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def sample_seeds(seed: int, prompt_ids: list[int], n: int) -> list[int]:
+    """One 63-bit seed per sample (prompt-major): splitmix64 of (call seed, prompt id, sample j).
+
+    ``prompt_ids`` identify prompts independently of placement (the dataset index), so a sample's
+    random stream is the same whichever rank or replica draws it."""
+    mask = (1 << 64) - 1
+    out = []
+    for pid in prompt_ids:
+        for j in range(n):
+            x = (seed * 0x9E3779B97F4A7C15 + (pid + 1) * 0xBF58476D1CE4E5B9 + (j + 1) * 0x94D049BB133111EB) & mask
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+            out.append((x ^ (x >> 31)) >> 1)
+    return out
+
+
+def gather_tp_prompts(tp_mesh: DeviceMesh, prompts: list) -> tuple[list, int]:
+    """Concatenate the prompt lists (or any per-prompt lists) of a tp group (rank order); returns
+    them and this rank's offset.
 
     Every rank of one replica then submits the same requests, and keeps rows
     ``[offset * n, (offset + len(prompts)) * n)`` of the result.
     """
     if tp_mesh.size() == 1:
         return prompts, 0
-    gathered: list[list[list[int]] | None] = [None] * tp_mesh.size()
+    gathered: list[list | None] = [None] * tp_mesh.size()
     dist.all_gather_object(gathered, prompts, group=tp_mesh.get_group())
     rank = tp_mesh.get_local_rank()
     offset = sum(len(part) for part in gathered[:rank])

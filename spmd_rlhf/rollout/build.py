@@ -49,18 +49,3 @@ def build_engine(cfg: Config, topo: Topology, hf_config: PretrainedConfig, eos_i
             log_level=v.log_level, seed_per_request=v.seed_per_request,
         )
     raise ConfigError(f"rollout.engine={cfg.rollout.engine!r} is not available; set rollout.engine=torch")
-
-
-def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module, tp: int) -> dict[str, int | None]:
-    """The per-parameter tensor-parallel plan the weight sync streams to ``engine``.
-
-    Empty when the engine takes whole tensors; every parameter whole at tp = 1; otherwise
-    ``param_shard_dims``, adjusted by the engine where it lays some tensors out differently.
-    """
-    from ..distributed.tp_plan import param_shard_dims, replicated_dims
-
-    if getattr(engine, "wants_full_weights", False):
-        return {}
-    dims = param_shard_dims(model) if tp > 1 else replicated_dims(model)
-    adjust = getattr(engine, "shard_dims", None)
-    return adjust(dims) if adjust is not None else dims

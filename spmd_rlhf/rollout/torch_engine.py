@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from spmd_rlhf.distributed.tp_plan import apply_tensor_parallel
-from spmd_rlhf.rollout.base import SamplingConfig, Samples, gather_tp_prompts
+from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_tp_prompts, sample_seeds
 
 
 @dataclass
@@ -41,13 +41,16 @@ class _Chunk:
 
 
 def sample_tokens(
-    logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
+    uniform_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; returns ``(tokens_B, logprobs_B)``.
 
     Logprobs are of the drawn token under ``softmax(logits / T)`` (T = 1 when greedy), before
     top-k/top-p. Top-p keeps the smallest prefix of the sorted distribution whose mass reaches
-    ``top_p`` (the top token always); it applies after top-k, as in HF.
+    ``top_p`` (the top token always); it applies after top-k, as in HF. With ``uniform_B`` (one
+    float64 draw in [0, 1) per row) the token is found by inverting the row's distribution
+    instead of drawing from ``generator``, so a row's token depends on its own draw only.
     """
     logits_BV = logits_BV.float()
     if sampling.temperature == 0:
@@ -69,8 +72,27 @@ def sample_tokens(
         drop_BV[:, 0] = False
         filtered_BV = filtered_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
     probs_BV = torch.softmax(filtered_BV, dim=-1)
-    tokens_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    if uniform_B is None:
+        tokens_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    else:
+        tokens_B = inverse_cdf(probs_BV, uniform_B)
     return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def inverse_cdf(probs_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative probability (float64) exceeds ``uniform * total``; never
+    a token of probability zero."""
+    cdf_BV = torch.cumsum(probs_BV.double(), dim=-1)
+    target_B1 = uniform_B.to(cdf_BV)[:, None] * cdf_BV[:, -1:]
+    tokens_B = torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1)
+    last_B = probs_BV.shape[-1] - 1 - (probs_BV > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(tokens_B, last_B)
+
+
+def row_uniforms(seeds: list[int], steps: int, device: torch.device) -> torch.Tensor:
+    """``[B, steps]`` float64 draws in [0, 1), row ``b`` from a generator seeded by ``seeds[b]``."""
+    rows = [torch.rand(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    return torch.stack(rows).to(device)
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +106,10 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) 
     return ids_BL.to(device), mask_BL.to(device)
 
 
-class TorchEngine:
-    """HF causal LM + tensor-parallel plan + batched KV-cache sampling (``RolloutEngine``)."""
+class TorchEngine(EngineBase):
+    """HF causal LM + tensor-parallel plan + batched KV-cache sampling (``RolloutEngine``).
 
-    wants_full_weights = False  # takes the tp slices of ``reshard_stream``
+    Takes the tp slices of ``reshard_stream`` in the trainer's plan unchanged (``EngineBase``)."""
 
     def __init__(
         self,
@@ -163,7 +185,8 @@ class TorchEngine:
         return out.logits[:, -1], out.past_key_values
 
     @torch.no_grad()
-    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator) -> _Chunk:
+    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator,
+                        seeds: list[int] | None = None) -> _Chunk:
         ids_BL, mask_BL = left_pad(prompts, self.pad_token_id, self.device)
         positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
         logits_BV, cache = self._forward(ids_BL, mask_BL, positions_BL, None)
@@ -173,8 +196,10 @@ class TorchEngine:
         logprobs_BT = torch.zeros((batch, steps), dtype=torch.float32, device=self.device)
         lengths_B = torch.zeros(batch, dtype=torch.long, device=self.device)
         done_B = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        uniform_BT = None if seeds is None or sampling.temperature == 0 else row_uniforms(seeds, steps, self.device)
         for step in range(steps):
-            tokens_B, logprobs_B = sample_tokens(logits_BV, sampling, generator)
+            uniform_B = None if uniform_BT is None else uniform_BT[:, step]
+            tokens_B, logprobs_B = sample_tokens(logits_BV, sampling, generator, uniform_B)
             tokens_B = self._agree(tokens_B).masked_fill(done_B, self.pad_token_id)
             tokens_BT[:, step] = tokens_B
             logprobs_BT[:, step] = logprobs_B.masked_fill(done_B, 0.0)
@@ -190,16 +215,25 @@ class TorchEngine:
         stopped_B &= not sampling.ignore_eos
         return _Chunk(tokens_BT.cpu(), logprobs_BT.cpu(), lengths_B.cpu(), stopped_B.cpu())
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:
-        """``sampling.n`` completions per prompt of this rank, prompt-major."""
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Samples:
+        """``sampling.n`` completions per prompt of this rank, prompt-major. Without ``seeds`` one
+        generator seeded by ``sampling.seed`` draws for the whole call; with them (one per prompt)
+        sample ``j`` of a prompt draws from its own stream (``sample_seeds``), whatever the batch."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("rollout prompts must hold at least one token")
+        assert seeds is None or len(seeds) == len(prompt_token_ids)
         prompts, offset = gather_tp_prompts(self.tp_mesh, prompt_token_ids)
+        row_seeds = None
+        if seeds is not None:
+            all_seeds, _ = gather_tp_prompts(self.tp_mesh, seeds)
+            row_seeds = sample_seeds(sampling.seed, all_seeds, sampling.n)
         rows = [p for p in prompts for _ in range(sampling.n)]
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         samples = Samples([], [], [])
         for start in range(0, len(rows), self.max_batch_size):
-            chunk = self._generate_chunk(rows[start:start + self.max_batch_size], sampling, generator)
+            chunk_seeds = None if row_seeds is None else row_seeds[start:start + self.max_batch_size]
+            chunk = self._generate_chunk(rows[start:start + self.max_batch_size], sampling, generator, chunk_seeds)
             for tokens_T, logprobs_T, length, stopped in zip(
                 chunk.tokens_BT.tolist(), chunk.logprobs_BT.tolist(), chunk.lengths_B.tolist(), chunk.stopped_B.tolist()
             ):

@@ -12,6 +12,7 @@ import json
 import os
 import time
 
+import torch
 import torch.distributed as dist
 
 _SUM_MARKERS = ("/count", "errors", "timeouts", "/dropped", "/num_")
@@ -27,24 +28,45 @@ def _reduce_one(key: str, values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Combine every rank's metrics (same keys on every rank)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def reduce_metrics(metrics: dict[str, float], group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Combine the metrics of every rank of ``group`` (the world by default; same keys on every rank)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return dict(metrics)
-    gathered: list[dict[str, float]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, metrics)
+    gathered: list[dict[str, float]] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+    dist.all_gather_object(gathered, metrics, group=group)
     keys = sorted(metrics)
     for rank, other in enumerate(gathered):
         assert sorted(other) == keys, f"rank {rank} logged different metric keys: {sorted(set(other) ^ set(keys))}"
     return {key: _reduce_one(key, [float(m[key]) for m in gathered]) for key in keys}
 
 
+def rollout_metrics(token_ids: list[list[int]], finish_reasons: list[str], rewards_GN: torch.Tensor,
+                    sequence_tokens: float, timings: dict[str, float]) -> dict[str, float]:
+    """``rollout/*`` of this rank's groups and the throughput figures of its step
+    (``perf/tokens_per_s``: prompt + response tokens of this rank's batch over the step time)."""
+    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.float32)
+    stopped = sum(1 for f in finish_reasons if f == "stop")
+    tokens_per_s = sequence_tokens / max(timings["timing/step"], 1e-9)
+    return {
+        "rollout/response_length": float(lengths.mean()),
+        "rollout/response_length/max": float(lengths.max()),
+        "rollout/stop_fraction": stopped / len(lengths),
+        "rollout/reward": float(rewards_GN.mean()),
+        "rollout/solve_all_groups": float((rewards_GN.min(dim=1).values >= 1.0).float().mean()),
+        "rollout/solve_none_groups": float((rewards_GN.max(dim=1).values <= 0.0).float().mean()),
+        "perf/tokens_per_s": tokens_per_s,  # this rank's, i.e. per GPU (the older name)
+        "perf/tokens_per_s_per_gpu": tokens_per_s,
+    }
+
+
 class MetricsLogger:
-    """Writes reduced metrics; only rank 0 touches files, the console and wandb."""
+    """Writes reduced metrics; only rank 0 touches files, the console and wandb. ``group``: the
+    ranks that log (the training ranks; every rank when colocated)."""
 
     def __init__(self, run_dir: str, is_main: bool, total_steps: int, wandb_cfg=None, config_dict=None,
-                 console: bool = True, progress_bar: bool = True):
+                 console: bool = True, progress_bar: bool = True, group: dist.ProcessGroup | None = None):
         self.is_main = is_main
+        self.group = group
         self.console = console and is_main
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = open(self.path, "a") if is_main else None
@@ -58,7 +80,7 @@ class MetricsLogger:
             self._wandb = _start_wandb(run_dir, wandb_cfg, config_dict)
 
     def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> dict[str, float]:
-        reduced = reduce_metrics(metrics)
+        reduced = reduce_metrics(metrics, self.group)
         if not self.is_main:
             return reduced
         record = {"step": step, "time": round(time.time(), 3), **reduced}

@@ -7,7 +7,7 @@ import math
 import torch
 
 from spmd_rlhf.data.batch import collate, response_tensor
-from spmd_rlhf.trainer.loop import rollout_correction
+from spmd_rlhf.trainer.experience import rollout_correction
 
 
 def test_mismatch_and_tis_weights_by_hand():

@@ -4,7 +4,8 @@ Every world size builds the same tiny Qwen2 actor (and a reference from another 
 term and its gradient are non-zero from the first optimizer step), shards both with FSDP2, and
 feeds the trainer a fixed global rollout: 8 prompts x 4 samples of unequal lengths with fixed
 rewards. Prompts reach each rank through ``PromptLoader`` as in training; a stub engine returns
-the fixed samples, so ``Trainer.generate`` / ``targets`` / ``update`` run unchanged: old and
+the fixed samples, so ``Generation.generate`` / ``Experience.targets`` / ``Trainer.update`` run
+unchanged: old and
 reference logprobs, GRPO advantages, then 2 mini-batches (2 optimizer steps) of uneven
 micro-batches with the k3 KL loss. Rank 0 saves the initial and final full weights and the
 rank-reduced update metrics of every loss mode to ``argv[1]``.
@@ -24,10 +25,13 @@ from spmd_rlhf.data.datasets import PromptExample
 from spmd_rlhf.data.loader import PromptLoader
 from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
 from spmd_rlhf.models.parallelize import parallelize
-from spmd_rlhf.rollout.base import Samples, SamplingConfig
+from spmd_rlhf.rollout.base import EngineBase, Samples, SamplingConfig
+from spmd_rlhf.rollout.generation import Generation
+from spmd_rlhf.rollout.scoring import Scoring
+from spmd_rlhf.rollout.sync import WeightSync
 from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
 from spmd_rlhf.trainer.actor import Actor
-from spmd_rlhf.trainer.loop import Trainer
+from spmd_rlhf.trainer.loop import Trainer, TrainerParts
 from spmd_rlhf.trainer.metrics import reduce_metrics
 from spmd_rlhf.trainer.micro import MicroBatcher
 from spmd_rlhf.trainer.schedule import build_scheduler
@@ -74,15 +78,13 @@ class ZeroScorer:
         return [0.0] * len(texts), {}
 
 
-class FixedEngine:
+class FixedEngine(EngineBase):
     """A rollout engine that returns the fixed samples of each prompt."""
-
-    weight_version = 0
 
     def __init__(self, table: dict[tuple[int, ...], list[list[int]]]):
         self.table = table
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, seeds=None) -> Samples:
         assert sampling.n == N
         token_ids = [list(r) for p in prompt_token_ids for r in self.table[tuple(p)]]
         return Samples(token_ids, [[0.0] * len(t) for t in token_ids], ["stop"] * len(token_ids))
@@ -158,15 +160,17 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
         critic_opt = torch.optim.AdamW(critic_model.parameters(), lr=cfg.critic.lr, weight_decay=0.0)
         critic = Critic(critic_model, critic_opt, build_scheduler(critic_opt, 0, PROMPTS // MINI_BATCH), topo.dp_size,
                         1.0, topo.device)
-    trainer = Trainer(cfg, topo, tokenizer, actor, reference, engine, {}, ZeroScorer(), loader, [], None,
-                      critic=critic)
+    generation = Generation(cfg, topo, engine, loader, Scoring(cfg, tokenizer, ZeroScorer()))
+    sync = WeightSync(engine, actor_model, topo, 2**20)
+    trainer = Trainer(cfg, topo, TrainerParts(tokenizer, actor, engine, sync, generation, loader, None, [],
+                                              reference=reference, critic=critic))
     if mode == "on_policy_two_pass":
-        trainer.on_policy = lambda: False  # the same step through a separate old-logprob pass
+        trainer.experience.on_policy = lambda: False  # the same step through a separate old-logprob pass
 
     prompts = loader.next()
-    rollout = trainer.generate(prompts, step=0)
+    rollout = generation.generate(prompts, step=0)
     rollout.rewards = torch.tensor([REWARDS[p.index] for p in prompts], dtype=torch.float32).view(-1)
-    targets, critic_targets, _ = trainer.targets(rollout, filtered=[])
+    targets, critic_targets, _ = trainer.experience.targets(rollout, filtered=[])
     metrics = reduce_metrics(trainer.update(rollout, targets, critic_targets, train_actor=True))
     return {
         "initial": initial,

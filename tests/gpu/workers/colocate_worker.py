@@ -20,7 +20,7 @@ from spmd_rlhf.distributed.topology import init_distributed, shutdown  # noqa: E
 from spmd_rlhf.models.parallelize import parallelize  # noqa: E402
 from spmd_rlhf.rollout import vllm_compat as compat  # noqa: E402
 from spmd_rlhf.rollout.base import SamplingConfig  # noqa: E402
-from spmd_rlhf.rollout.build import sync_shard_dims  # noqa: E402
+from spmd_rlhf.rollout.sync import sync_shard_dims  # noqa: E402
 from spmd_rlhf.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from spmd_rlhf.trainer.micro import token_logits  # noqa: E402
 from spmd_rlhf.algorithms.losses import logprobs_from_logits  # noqa: E402

@@ -38,7 +38,7 @@ from spmd_rlhf.rollout.base import SamplingConfig, Samples
 from spmd_rlhf.rollout.torch_engine import TorchEngine
 from spmd_rlhf.rollout.vllm_engine import VLLMEngine
 from spmd_rlhf.trainer.actor import Actor
-from spmd_rlhf.trainer.loop import rollout_correction
+from spmd_rlhf.trainer.experience import rollout_correction
 from tests.distributed.workers.tiny import random_prompts, tiny_model
 
 VOCAB, EOS = 37, 36

@@ -1,0 +1,76 @@
+"""Weights from the actor into the rollout engine: the one owner of the weight sync.
+
+``WeightSync`` is built once per run, from the engine and the actor (colocated) or the topology
+(split). It fixes the per-parameter shard plan (``distributed/tp_plan.py``, adjusted by the
+engine), whether whole tensors or tensor-parallel slices travel, the engine's dtype and the bucket
+size; ``push()`` then moves one version of the weights and returns the bytes this rank moved.
+
+* colocated: every rank reshards its FSDP shards into its own engine (``reshard_stream``), or
+  streams whole tensors to an engine that ``wants_full_weights``;
+* split: training ranks send with ``CrossReshard`` and generation ranks load what it receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from ..distributed.reshard import full_tensor_stream, reshard_stream
+from ..distributed.topology import Topology
+from .base import RolloutEngine
+
+
+def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module, tp: int) -> dict[str, int | None]:
+    """The per-parameter tensor-parallel plan the weight sync streams to ``engine``.
+
+    Empty when the engine takes whole tensors; every parameter whole at tp = 1; otherwise
+    ``param_shard_dims``, adjusted by the engine where it lays some tensors out differently.
+    """
+    if engine.wants_full_weights:
+        return {}
+    return engine.shard_dims(base_shard_dims(model, tp))
+
+
+def base_shard_dims(model: torch.nn.Module, tp: int) -> dict[str, int | None]:
+    """The trainer's plan before any engine adjusts it: every tensor whole at tp = 1."""
+    from ..distributed.tp_plan import param_shard_dims, replicated_dims
+
+    return param_shard_dims(model) if tp > 1 else replicated_dims(model)
+
+
+def bucket_bytes_of(bucket_mb: int) -> int:
+    return bucket_mb * 2**20
+
+
+def _counted(stream: Iterable[list[tuple[str, torch.Tensor]]], into: list[int]) -> Iterator:
+    for bucket in stream:
+        into[0] += sum(t.numel() * t.element_size() for _, t in bucket)
+        yield bucket
+
+
+class WeightSync:
+    """Colocated: the actor's FSDP shards -> this rank's engine (tp slices or whole tensors)."""
+
+    def __init__(self, engine: RolloutEngine, model: torch.nn.Module, topo: Topology, bucket_bytes: int):
+        self.engine = engine
+        self.model = model
+        self.topo = topo
+        self.bucket_bytes = bucket_bytes
+        self.full = engine.wants_full_weights
+        self.dtype = engine.dtype
+        self.shard_dims = sync_shard_dims(engine, model, topo.tp)
+
+    def stream(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """One version of the weights, bucket by bucket, as the engine's ``load_weights`` takes
+        them; every rank of the training mesh must consume the whole stream."""
+        params = self.model.named_parameters()
+        if self.full:
+            return full_tensor_stream(params, self.bucket_bytes, self.dtype)
+        return reshard_stream(params, self.shard_dims, self.topo.reshard_mesh, self.bucket_bytes, self.dtype)
+
+    def push(self) -> float:
+        """Load the actor's current weights into the engine; returns bytes this rank received."""
+        received = [0]
+        self.engine.load_weights(_counted(self.stream(), received))
+        return float(received[0])
