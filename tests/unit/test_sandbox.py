@@ -113,11 +113,21 @@ def test_infinite_output_is_truncated(pool: SandboxPool) -> None:
     assert time.monotonic() - start < 5.0  # killed at the cap, not at the timeout
 
 
-def test_fresh_directory_removed_afterwards(pool: SandboxPool) -> None:
-    outcome = pool.run("import os\nopen('out.txt', 'w').write('hi')\nprint(os.getcwd())\nprint(os.listdir('.'))")
-    workdir, listing = outcome.stdout.splitlines()
-    assert sorted(eval(listing)) == ["main.py", "out.txt"]
-    assert not os.path.exists(workdir)
+def test_fresh_directory_for_every_call(pool: SandboxPool) -> None:
+    litter = ("import os\nos.makedirs('d/e')\nopen('d/e/f.txt', 'w').write('x')\nopen('out.txt', 'w').write('x')\n"
+              "os.chmod('d/e', 0)\nos.chmod('d', 0)\nprint(os.getcwd())")
+    looks = "import os\nprint(sorted(os.listdir('.')), os.environ['HOME'] == os.getcwd() == os.environ['TMPDIR'])"
+    outcomes = pool.run_many([Program(litter)] * 2 + [Program(looks)] * 4)
+    assert [o.status for o in outcomes[:2]] == [Status.OK] * 2  # the second one could make d/e again
+    assert [o.stdout for o in outcomes[2:]] == ["['main.py'] True\n"] * 4
+    workdir = outcomes[0].stdout.strip()
+    assert os.path.isdir(workdir) and os.listdir(workdir) == []  # emptied after the call
+
+
+def test_close_removes_the_directories() -> None:
+    with SandboxPool(workers=1) as pool:
+        workdir = pool.run("import os\nopen('x', 'w').write('x')\nprint(os.getcwd())").stdout.strip()
+    assert not os.path.exists(workdir) and not os.path.exists(os.path.dirname(os.path.dirname(workdir)))
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="programs keep the caller's user (and its permissions) when not root")
