@@ -27,6 +27,7 @@ Every group built here has the collective timeout (torch gives sub-groups 30 min
 
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import logging
@@ -200,17 +201,16 @@ def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEn
             device_id=device if backend == "nccl" else None,
         )
     world = dist.get_world_size()
-    options = _group_options(backend, timeout)
     if generation_ranks:
-        return _split(env, device, backend, world, dp_replicate, tp, generation_ranks, options)
+        return _split(env, device, backend, world, dp_replicate, tp, generation_ranks, timeout)
     assert world % dp_replicate == 0, "validated earlier"
     dp_shard = world // dp_replicate
     assert dp_shard % tp == 0, "validated earlier"
     shape = {"dp_replicate": dp_replicate, "gen_in_shard": dp_shard // tp, "tp": tp}
     root = init_device_mesh(device.type, tuple(shape.values()), mesh_dim_names=tuple(shape),
-                            backend_override=_overrides(shape, world, options))
-    root["gen_in_shard", "tp"]._flatten("dp_shard", _override(dp_shard, world, options))
-    root["dp_replicate", "gen_in_shard"]._flatten("gen_dp", _override(dp_replicate * dp_shard // tp, world, options))
+                            backend_override=_overrides(shape, world, timeout))
+    root["gen_in_shard", "tp"]._flatten("dp_shard", _override(dp_shard, world, timeout))
+    root["dp_replicate", "gen_in_shard"]._flatten("gen_dp", _override(dp_replicate * dp_shard // tp, world, timeout))
     with warnings.catch_warnings():
         # Slicing flattened dims from the root keeps all three meshes views of one root, which
         # is what makes rank coordinates agree; torch warns that this will change.
@@ -224,16 +224,16 @@ def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEn
 
 
 def _split(env: LaunchEnv, device: torch.device, backend: str, world: int, dp_replicate: int, tp: int,
-           generation_ranks: int, options) -> Topology:
+           generation_ranks: int, timeout: datetime.timedelta) -> Topology:
     """Training mesh over the first ``world - G`` ranks, generation mesh over the last ``G``;
     built on every rank (group creation is collective), kept only where the rank belongs."""
     trainers = world - generation_ranks
     assert trainers >= 1 and trainers % dp_replicate == 0 and generation_ranks % tp == 0, "validated earlier"
     train_shape = {"dp_replicate": dp_replicate, "dp_shard": trainers // dp_replicate}
     gen_shape = {"gen_dp": generation_ranks // tp, "tp": tp}
-    train_root = _mesh(device, range(0, trainers), train_shape, world, options)
-    gen_root = _mesh(device, range(trainers, world), gen_shape, world, options)
-    flat = train_root["dp_shard"] if dp_replicate == 1 else train_root._flatten("train", options)
+    train_root = _mesh(device, range(0, trainers), train_shape, world, timeout)
+    gen_root = _mesh(device, range(trainers, world), gen_shape, world, timeout)
+    flat = train_root["dp_shard"] if dp_replicate == 1 else train_root._flatten("train", _options(timeout))
     train_ranks, gen_ranks = list(range(trainers)), list(range(trainers, world))
     _ROOT_MESHES.extend([train_root, gen_root])
     training, generating = env.rank in train_ranks, env.rank in gen_ranks
@@ -242,32 +242,35 @@ def _split(env: LaunchEnv, device: torch.device, backend: str, world: int, dp_re
                     train_ranks=train_ranks, gen_ranks=gen_ranks, train_flat_mesh=flat if training else None)
 
 
-def _mesh(device: torch.device, ranks: range, shape: dict[str, int], world: int, options) -> DeviceMesh:
+def _mesh(device: torch.device, ranks: range, shape: dict[str, int], world: int,
+          timeout: datetime.timedelta) -> DeviceMesh:
     """A mesh over ``ranks`` (every rank of the world must call this)."""
     mesh = torch.arange(ranks.start, ranks.stop).view(*shape.values())
-    overrides = _overrides(shape, world, options)
+    overrides = _overrides(shape, world, timeout)
     return DeviceMesh(device.type, mesh, mesh_dim_names=tuple(shape),
                       backend_override=tuple(overrides.get(name, (None, None)) for name in shape))
 
 
-def _group_options(backend: str, timeout: datetime.timedelta):
-    """Backend options that carry the collective timeout into every sub-group a mesh creates."""
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options.is_high_priority_stream = False
+def _options(timeout: datetime.timedelta):
+    """Fresh backend options carrying the collective timeout, for one sub-group creation (torch may
+    write into the options it is given, so no two creations share them). NCCL starts from the world
+    group's own options, as torch does when given none."""
+    world = dist.group.WORLD
+    if dist.get_backend(world) == "nccl":
+        options = copy.deepcopy(world._get_backend(torch.device("cuda")).options)
     else:
-        options = C10dBackend.Options(backend, timeout)
+        options = C10dBackend.Options(dist.get_backend(world), timeout)
     options._timeout = timeout
     return options
 
 
-def _override(size: int, world: int, options):
+def _override(size: int, world: int, timeout: datetime.timedelta):
     """A dim of the whole world reuses the default group (which has the timeout); smaller ones get it."""
-    return None if size == world else (None, options)
+    return None if size == world else (None, _options(timeout))
 
 
-def _overrides(shape: dict[str, int], world: int, options) -> dict[str, tuple]:
-    return {name: (None, options) for name, size in shape.items() if size != world}
+def _overrides(shape: dict[str, int], world: int, timeout: datetime.timedelta) -> dict[str, tuple]:
+    return {name: (None, _options(timeout)) for name, size in shape.items() if size != world}
 
 
 def _free_port() -> int:
