@@ -24,3 +24,11 @@ def test_gloo_reduces_on_the_cpu(monkeypatch) -> None:
 def test_without_a_process_group_values_come_back_unchanged() -> None:
     assert not dist.is_initialized()
     assert comm.all_reduce_floats([1.5, 2.0]) == [1.5, 2.0]
+
+
+def test_a_groups_own_backend_decides_where_its_messages_live(monkeypatch) -> None:
+    # split placement sends objects over groups other than the world; each group's backend decides
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if group == "cuda-group" else "gloo")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert comm.collective_device("cuda-group") == torch.device("cuda", 0)
+    assert comm.collective_device() == torch.device("cpu")
