@@ -16,6 +16,7 @@ function with the signature above (it starts a short-lived pool per call: slow, 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import importlib
 import importlib.util
 import logging
@@ -30,7 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..sandbox import SandboxLimits
-from .sandboxed import CODE_SCORES, PlanFn, RewardContext, RewardPlan, RewardTimedOut, SandboxRunner, run_plan
+from .sandboxed import (CODE_SCORES, PlanFn, RewardContext, RewardPlan, RewardTimedOut, SandboxRunner,
+                        plan_custom, run_plan)
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +203,8 @@ class RewardScorer:
     Code and math sources are scored in sandbox pools (started on first use; ``close()`` ends them):
     ``sandbox_limits`` bound each test program, ``sandbox_workers`` is the size of each pool,
     ``code_score`` is "fraction" or "all_pass", ``math_timeout_s`` bounds one math-verify check.
+    With ``sandbox_custom`` the custom function runs in sandbox workers too (a batch in parallel, killed
+    with every process it started at ``timeout_s``; its result must be a number or a dict of them).
 
     A call that raises, returns a non-finite or non-numeric value, or runs past ``timeout_s`` scores
     0.0 and is counted in ``reward/errors`` or ``reward/timeouts``.
@@ -214,12 +218,14 @@ class RewardScorer:
     def __init__(
         self, custom_function: str | None, timeout_s: float, default_source: str | None = None, *,
         sandbox_limits: SandboxLimits | None = None, sandbox_workers: int | None = None,
-        code_score: str = "fraction", math_timeout_s: float = 5.0,
+        code_score: str = "fraction", math_timeout_s: float = 5.0, sandbox_custom: bool = False,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0 seconds")
         self.timeout_s = float(timeout_s)
         self.custom_fn = load_function(custom_function) if custom_function else None
+        self.custom_function = custom_function
+        self.sandbox_custom = sandbox_custom  # the custom function runs in the sandbox, not in this process
         if default_source is not None:
             try:
                 get_reward_fn(default_source)
@@ -250,6 +256,8 @@ class RewardScorer:
 
     def _plan_fn(self, data_source: str) -> PlanFn | None:
         """The sandboxed plan that scores ``data_source``, or None when a plain function does."""
+        if self.custom_function is not None and self.sandbox_custom:
+            return functools.partial(plan_custom, self.custom_function, self.timeout_s, data_source)
         if self.custom_fn is not None:
             return None
         _load_builtins()

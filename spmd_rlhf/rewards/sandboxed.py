@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sandbox import Call, Outcome, Program, SandboxLimits, SandboxPool
+from ..sandbox import Call, Outcome, Program, SandboxLimits, SandboxPool, Status
+
+CUSTOM_TARGET = "spmd_rlhf.rewards.sandboxed:call_custom"
+_custom_functions: dict[str, Callable[..., Any]] = {}
 
 CODE_SCORES = ("fraction", "all_pass")
 
@@ -38,6 +43,49 @@ class RewardTimedOut(Exception):
 def _preload(jobs: list[Program | Call]) -> tuple[str, ...]:
     calls = [job for job in jobs if isinstance(job, Call)]
     return tuple(sorted({job.target.partition(":")[0] for job in calls} | {m for job in calls for m in job.preload}))
+
+
+def _plain(value: Any) -> Any:
+    """A reward result as JSON carries it: numbers (numpy scalars too) as floats, dicts of them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """What json.dumps cannot write, as it best can (arrays as lists, the rest as text)."""
+    tolist = getattr(value, "tolist", None)  # numpy/pyarrow values in a row's extra_info
+    return tolist() if callable(tolist) else str(value)
+
+
+def call_custom(path: str, kwargs: dict[str, Any]) -> Any:
+    """Inside a sandbox worker: the user's reward function at ``path`` called with ``kwargs``."""
+    from .registry import load_function
+
+    if path not in _custom_functions:
+        _custom_functions[path] = load_function(path)
+    return _plain(_custom_functions[path](**kwargs))
+
+
+def plan_custom(path: str, timeout_s: float, data_source: str, solution_str: str, ground_truth: str,
+                extra_info: dict | None, ctx: RewardContext | None = None) -> RewardPlan:
+    """The user's reward function as one sandboxed call (killed with whatever it started at ``timeout_s``)."""
+    del ctx  # the custom function gets the row only
+    row = dict(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info)
+    kwargs = json.loads(json.dumps(row, default=_jsonable))
+    job = Call(CUSTOM_TARGET, {"path": path, "kwargs": kwargs}, timeout_s)
+
+    def finish(outcomes: list[Outcome]) -> Any:
+        (outcome,) = outcomes
+        if outcome.status is Status.TIMEOUT:
+            raise RewardTimedOut(f"reward.timeout_s={timeout_s}")
+        if not outcome.ok:
+            raise RuntimeError(f"{outcome.status.value} in the sandbox: {outcome.stderr[-1000:]}")
+        return outcome.value
+
+    return RewardPlan([job], finish)
 
 
 def run_plan(plan: RewardPlan, runner: SandboxRunner | None = None) -> Any:

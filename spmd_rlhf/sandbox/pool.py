@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from .isolation import kill_tree
-from .protocol import recv, send
+from .protocol import encode, recv, write_all
 from .types import Call, Outcome, Program, SandboxLimits, Status
 
 _PROGRAM_GRACE_S = 5.0  # the worker enforces a program's timeout; the pool steps in this much later
@@ -181,13 +181,18 @@ class SandboxPool:
             return job.timeout_s
         return (job.limits or limits).timeout_s + _PROGRAM_GRACE_S
 
-    def _assign(self, jobs: Sequence[Program | Call], pending: deque[int]) -> None:
+    def _assign(self, jobs: Sequence[Program | Call], pending: deque[int], results: list) -> None:
         for worker in list(self._workers):
             if worker.state is not _State.IDLE or not pending:
                 continue
             index = pending.popleft()
             try:
-                send(worker.request_fd, self._request(jobs[index]))
+                payload = encode(self._request(jobs[index]))
+            except (TypeError, ValueError) as exc:  # arguments JSON cannot carry
+                results[index] = Outcome(Status.SANDBOX_ERROR, stderr=f"cannot send the job: {exc}")
+                continue
+            try:
+                write_all(worker.request_fd, payload)
             except OSError:  # it died while idle: start another, retry the job
                 pending.appendleft(index)
                 self._replace(worker)
@@ -247,7 +252,7 @@ class SandboxPool:
                 if self._closed:  # closed from another thread: what did not finish gets no result
                     gone = Outcome(Status.SANDBOX_ERROR, stderr="SandboxPool closed during the call")
                     return [gone if r is None else r for r in results]
-                self._assign(jobs, pending)
+                self._assign(jobs, pending, results)
                 self._serve(jobs, results, failures)
             return results  # type: ignore[return-value]
 

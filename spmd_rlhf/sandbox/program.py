@@ -6,7 +6,6 @@ import builtins
 import io
 import os
 import selectors
-import shutil
 import signal
 import sys
 import tempfile

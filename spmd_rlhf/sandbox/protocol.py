@@ -10,12 +10,22 @@ from typing import Any
 _HEADER = struct.Struct("<I")
 
 
-def send(fd: int, message: dict[str, Any]) -> None:
-    """Write one message (blocking)."""
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as bytes (TypeError/ValueError for what JSON cannot carry)."""
     data = json.dumps(message).encode()
-    view = memoryview(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def write_all(fd: int, payload: bytes) -> None:
+    """Write ``payload`` (blocking)."""
+    view = memoryview(payload)
     while view:
         view = view[os.write(fd, view):]
+
+
+def send(fd: int, message: dict[str, Any]) -> None:
+    """Write one message (blocking)."""
+    write_all(fd, encode(message))
 
 
 def _read_exactly(fd: int, n: int) -> bytes | None:

@@ -1,0 +1,100 @@
+"""User reward functions in the sandbox (reward.sandbox_custom): results, failures, timeouts, and no
+process left behind by a function that forks a child which never returns."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from spmd_rlhf.rewards.registry import RewardScorer
+
+CUSTOM = '''
+import os, time
+
+def exact(data_source, solution_str, ground_truth, extra_info=None):
+    return float(solution_str.strip() == ground_truth)
+
+def extras(data_source, solution_str, ground_truth, extra_info=None):
+    return {"score": 1.0, "length": len(solution_str), "source_is_s": float(data_source == "s"),
+            "n": float(extra_info["n"][1])}
+
+def forks(data_source, solution_str, ground_truth, extra_info=None):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(1000)
+    with open(solution_str, "w") as f:
+        f.write(str(pid))
+    return 1.0
+
+def raises(data_source, solution_str, ground_truth, extra_info=None):
+    raise RuntimeError("boom")
+
+def slow(data_source, solution_str, ground_truth, extra_info=None):
+    time.sleep(float(solution_str))
+    return 1.0
+'''
+
+
+@pytest.fixture
+def custom(tmp_path: Path) -> str:
+    path = tmp_path / "my_reward.py"
+    path.write_text(CUSTOM)
+    return str(path)
+
+
+def scorer_for(custom: str, name: str, timeout_s: float = 5.0) -> RewardScorer:
+    return RewardScorer(f"{custom}:{name}", timeout_s, sandbox_workers=2, sandbox_custom=True)
+
+
+def test_results_and_extras(custom: str) -> None:
+    scorer = scorer_for(custom, "exact")
+    try:
+        scores, metrics = scorer.score(["s", "s"], ["a", "b"], ["a", "a"], [None, None])
+        assert scores == [1.0, 0.0] and metrics["reward/errors"] == 0.0
+    finally:
+        scorer.close()
+    np = pytest.importorskip("numpy")
+    scorer = scorer_for(custom, "extras")
+    try:  # extra_info with a numpy array (as read from parquet) reaches the function as a list
+        scores, metrics = scorer.score(["s", "t"], ["ab", "abcd"], ["", ""], [{"n": np.arange(3)}] * 2)
+        assert scores == [1.0, 1.0]
+        assert metrics["reward/extra/length"] == 3.0 and metrics["reward/extra/source_is_s"] == 0.5
+        assert metrics["reward/extra/n"] == 1.0
+    finally:
+        scorer.close()
+
+
+def test_forked_child_does_not_outlive_the_call(custom: str, tmp_path: Path) -> None:
+    scorer = scorer_for(custom, "forks")
+    out = tmp_path / "pid.txt"
+    try:
+        scores, _ = scorer.score(["s"], [str(out)], [""], [None])
+        assert scores == [1.0]
+        child = int(out.read_text())
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+            time.sleep(0.02)
+        assert not Path(f"/proc/{child}").exists()  # killed and reaped once the call returned
+    finally:
+        scorer.close()
+
+
+def test_errors_and_timeouts(custom: str) -> None:
+    scorer = scorer_for(custom, "raises")
+    try:
+        scores, metrics = scorer.score(["s"] * 2, ["a", "b"], ["a"] * 2, [None] * 2)
+        assert scores == [0.0, 0.0] and metrics["reward/errors"] == 2.0
+    finally:
+        scorer.close()
+    scorer = scorer_for(custom, "slow", timeout_s=0.5)
+    try:
+        scorer.score(["s"], ["0"], [""], [None])  # the pool starts
+        start = time.monotonic()
+        scores, metrics = scorer.score(["s"] * 3, ["100", "0", "100"], [""] * 3, [None] * 3)
+        assert scores == [0.0, 1.0, 0.0]
+        assert metrics["reward/timeouts"] == 2.0 and metrics["reward/errors"] == 0.0
+        assert time.monotonic() - start < 0.5 + 3.0  # two workers: the two sleepers overlap
+    finally:
+        scorer.close()
