@@ -3,8 +3,9 @@ generation ranks receive exactly ``full.chunk(tp, dim)[tp_rank]`` of every param
 and Qwen2 models, one message per bucket, and nothing but their own slices.
 
 Layouts (generation_ranks, dp_replicate, tp): world 3 = 2 training + 1 generation rank (tp 1);
-world 4 = 2 + 2 with tp 2 (one replica), and 2 + 2 with HSDP training (dp_replicate 2) and two tp-1
-replicas (each training rank serves one generation rank).
+world 4 = 2 + 2 with tp 2 (one replica), 2 + 2 with HSDP training (dp_replicate 2) and two tp-1
+replicas (each training rank serves one generation rank), and 3 + 1 (FSDP blocks of uneven rows
+over 3 ranks; two training ranks serve nobody but take part in the gathers).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def check_layout(layout: list[int], per_rank: list[dict]) -> None:
         assert sum(t["sent_bytes"] for t in train) == sum(g["received_bytes"] for g in gen)
 
 
-@pytest.mark.parametrize("nproc, layouts", [(3, ["1,1,1"]), (4, ["2,1,2", "2,2,1"])], ids=["world3", "world4"])
+@pytest.mark.parametrize("nproc, layouts", [(3, ["1,1,1"]), (4, ["2,1,2", "2,2,1", "1,1,1"])], ids=["world3", "world4"])
 def test_cross_reshard_delivers_tp_slices(tmp_path, nproc, layouts):
     torchrun([str(WORKER), str(tmp_path / "out"), *layouts], nproc, timeout=120)
     results = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in range(nproc)]
