@@ -1,6 +1,7 @@
 """Split placement's process groups on 4 real gloo ranks: who trains, who generates, which meshes
 each rank holds (None outside), the sizes of the groups they carry, object messages between the
-two sets, and a receive that nobody answers failing at the collective timeout."""
+two sets, a receive that nobody answers failing at the collective timeout, and no group thread left
+after ``shutdown``."""
 
 from __future__ import annotations
 
@@ -51,3 +52,4 @@ def test_split_layouts_objects_and_timeout(tmp_path):
     assert [results[r]["objects"] for r in (2, 3)] == [{"got_to": 2}, {"got_to": 3}]
     lost = results[0]["lost_receive_s"]
     assert 1.5 <= lost <= 10, f"a lost receive failed after {lost} s; the training group's timeout is 2 s"
+    assert [r["threads_after_shutdown"] for r in results] == [[]] * 4  # shutdown ends the split groups too

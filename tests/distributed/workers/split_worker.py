@@ -7,7 +7,7 @@ generation tp group (sizes, as every rank adds 1). Then rank 0 sends each genera
 (``send_object``) that names it, and each generation rank answers with ``isend_object``; a large
 object checks lengths beyond one small buffer. Last, under a topology built with a 2 s timeout,
 rank 0 waits on a training-group receive that rank 1 never sends; the seconds until it fails are
-recorded. Writes ``<prefix>.rank<r>.json``.
+recorded, and after ``shutdown`` the process-group threads still alive. Writes ``<prefix>.rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from spmd_rlhf.distributed.comm import isend_object, recv_object, send_object
-from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
+from spmd_rlhf.distributed.topology import Topology, init_distributed, process_group_threads, shutdown
 
 LAYOUTS = [(2, 1, 2), (1, 1, 1), (2, 2, 1), (0, 1, 2)]
 SHORT_TIMEOUT_S = 2
@@ -89,9 +89,11 @@ def main() -> None:
             result["objects"] = exchange_objects(topo)
     topo = init_distributed(1, 1, SHORT_TIMEOUT_S, generation_ranks=2)
     result["lost_receive_s"] = time_a_lost_receive(topo)
-    with open(f"{prefix}.rank{dist.get_rank()}.json", "w") as f:
-        json.dump(result, f)
+    rank = dist.get_rank()
     shutdown()
+    result["threads_after_shutdown"] = process_group_threads()
+    with open(f"{prefix}.rank{rank}.json", "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":
