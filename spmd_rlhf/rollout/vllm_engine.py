@@ -1,11 +1,13 @@
-"""A rollout engine on vLLM, in-process on every rank (``distributed_executor_backend="external_launcher"``).
+"""A rollout engine on vLLM, in-process on every generating rank (``distributed_executor_backend="external_launcher"``).
 
-Every rank builds one ``vllm.LLM`` after the process group exists (and ``close()``s it before the
-group is destroyed: vLLM's teardown destroys the default group itself). vLLM takes its groups from
-the world: tp groups of consecutive ranks (the generation mesh's ``tp`` dim) and world/tp replicas
-("external DP") that generate independently. In vLLM 0.32 the replicas do NOT step in lock-step
-for dense models (checked: with tp=1, two ranks submitting different numbers of requests and
-calling ``generate`` different numbers of times do not wait for each other); lock-step belongs to
+Every generating rank (all ranks colocated, the generation ranks in split placement) builds one
+``vllm.LLM`` after the process group exists, over the generation mesh, and ``close()``s it
+before the group is destroyed. vLLM takes its groups from its world (``vllm_world``: the job's
+world colocated, the generation ranks' own otherwise): tp groups of consecutive ranks (the
+generation mesh's ``tp`` dim) and world/tp replicas ("external DP") that generate independently.
+In vLLM 0.32 the replicas do NOT step in lock-step for dense models (checked: with tp=1, two
+ranks submitting different numbers of requests and calling ``generate`` different numbers of
+times do not wait for each other); lock-step belongs to
 vLLM's in-model data parallelism (``data_parallel_size > 1``, MoE), which this engine never
 enables. So no padding. Within a tp group, vLLM keeps the ranks consistent only if they submit
 identical requests (each rank schedules for itself), which the prompt gathering guarantees.
@@ -71,7 +73,12 @@ def _row_seed(seed: int, row: int) -> int:
 
 
 class VLLMEngine:
-    """``vllm.LLM`` on the generation mesh (``RolloutEngine``)."""
+    """``vllm.LLM`` on the generation mesh (``RolloutEngine``).
+
+    Built by every rank of ``gen_mesh`` (the topology's ``gen_mesh``, a ``(gen_dp, tp)`` mesh) and
+    by no other rank; ``timeout_s`` bounds the collectives of the generation ranks' own world
+    (split placement: pass ``distributed.timeout_s``).
+    """
 
     def __init__(
         self,
@@ -95,6 +102,7 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         log_level: str = "WARNING",
         seed_per_request: bool = True,
+        timeout_s: float | None = None,
     ) -> None:
         if not eos_token_ids:
             raise ValueError("rollout engine needs at least one EOS token id (tokenizer eos_token_id)")
@@ -103,7 +111,7 @@ class VLLMEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         self._memory = VLLMMemory(self.device.type, sleep_level, enabled=self.device.type == "cuda")
-        self._world = VLLMWorld(gen_mesh, self.device)
+        self._world = VLLMWorld(gen_mesh, self.device, timeout_s)
         self.tp_mesh, self.tp, self.tp_rank = self._world.tp_mesh, self._world.tp, self._world.tp_rank
         self.eos_ids = sorted(set(eos_token_ids))
         self.seed_per_request = seed_per_request
@@ -136,7 +144,7 @@ class VLLMEngine:
             **compat.engine_kwargs(self.device.type, kv_cache_gib=kv_cache_gib,
                                    gpu_memory_utilization=gpu_memory_utilization, sleep_mode=self._memory.enabled),
         )
-        with self._world.entered(), preserved_rng(), compat.quiet_start(), compat.vllm_allocator(self.device.type):
+        with self._world.launched(), preserved_rng(), compat.quiet_start(), compat.vllm_allocator(self.device.type):
             # (in-process vLLM seeds the global RNGs with its seed; preserved_rng undoes that)
             self.llm = LLM(**{k: v for k, v in options.items() if v is not None})
         if not compat.supports_logprobs_mode() and self._world.leader:
@@ -165,9 +173,10 @@ class VLLMEngine:
             raise ValueError(f"vLLM on CPU supports attention head sizes {sizes}, not {head_dim}; {fix}")
 
     def close(self) -> None:
-        """Shut vLLM down (its teardown also destroys the default process group)."""
+        """Shut vLLM down, while the process group is alive (colocated, its teardown also destroys
+        the default process group; with a world of its own, only that world)."""
         if getattr(self, "llm", None) is not None:
-            with self._world.entered():
+            with self._world.closing():
                 compat.shutdown(self.llm)
             self.llm = None
 
