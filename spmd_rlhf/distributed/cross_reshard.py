@@ -191,5 +191,6 @@ def _wait(in_flight: tuple[list[dist.Work], dict[int, torch.Tensor]] | None) -> 
 
 def _message(bucket: tuple[ParamSpec, ...], full: list[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
     """Tp rank ``tp_rank``'s slice of every tensor of the bucket, flat and concatenated."""
-    slices = [t if spec.shard_dim is None else tp_chunk(t, spec.shard_dim, tp, tp_rank) for spec, t in zip(bucket, full)]
+    slices = [t if spec.shard_dim is None else tp_chunk(t, spec.shard_dim, tp, tp_rank)
+              for spec, t in zip(bucket, full)]
     return torch.cat([s.reshape(-1) for s in slices])

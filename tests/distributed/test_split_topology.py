@@ -31,7 +31,8 @@ def expected(layout: tuple[int, int, int], rank: int) -> dict:
               "gen_dp": generation_ranks // tp, "reshard_mesh": False}
     if training:
         shard = trainers // dp_replicate
-        fields.update(train_mesh=[dp_replicate, shard], fsdp_mesh=[shard] if dp_replicate == 1 else [dp_replicate, shard],
+        fsdp = [shard] if dp_replicate == 1 else [dp_replicate, shard]
+        fields.update(train_mesh=[dp_replicate, shard], fsdp_mesh=fsdp,
                       gen_mesh=None, train_group_size=trainers)
     else:
         index = rank - trainers
@@ -46,7 +47,8 @@ def test_split_layouts_objects_and_timeout(tmp_path):
     results = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in range(4)]
     for rank, result in enumerate(results):
         assert result["layouts"] == [expected(layout, rank) for layout in layouts], rank
-    answers = [{"from": 2, "heard": 2, "ids": [0, 1], "big": True}, {"from": 3, "heard": 3, "ids": [0, 1, 2], "big": True}]
+    answers = [{"from": 2, "heard": 2, "ids": [0, 1], "big": True},
+               {"from": 3, "heard": 3, "ids": [0, 1, 2], "big": True}]
     assert results[0]["objects"] == {"answers": answers}
     assert results[1]["objects"] == {}
     assert [results[r]["objects"] for r in (2, 3)] == [{"got_to": 2}, {"got_to": 3}]
