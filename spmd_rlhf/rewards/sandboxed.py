@@ -107,7 +107,8 @@ class SandboxRunner:
 
     def _pool(self, kind: type, jobs: list[Program | Call]) -> SandboxPool:
         if kind not in self._pools:
-            self._pools[kind] = SandboxPool(self.workers, self.limits, preload=_preload(jobs))
+            memory = self.limits.memory_mb if kind is Call else None  # a Call runs in the worker itself
+            self._pools[kind] = SandboxPool(self.workers, self.limits, preload=_preload(jobs), call_memory_mb=memory)
         return self._pools[kind]
 
     def run(self, jobs: list[Program | Call]) -> list[Outcome]:

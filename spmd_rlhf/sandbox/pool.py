@@ -108,8 +108,12 @@ class SandboxPool:
         self._closed = False
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._base, os.getpid())
-        self._workers.extend(self._spawn(i) for i in range(workers))
-        self._await_start()
+        try:
+            self._workers.extend(self._spawn(i) for i in range(workers))
+            self._await_start()
+        except BaseException:
+            self._finalizer()  # no half-started pool lingers
+            raise
         self.network_isolated = all(w.network_isolated for w in self._workers)
 
     # -- processes -------------------------------------------------------------------------------
@@ -229,8 +233,10 @@ class SandboxPool:
         if not waiting:
             return
         timeout = max(0.0, min(w.deadline for w in waiting.values()) - time.monotonic())
-        ready, _, _ = select.select(list(waiting), [], [], timeout)
-        for fd in ready:
+        poller = select.poll()  # not select.select: a trainer's descriptors are often past 1024
+        for fd in waiting:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(timeout * 1000):
             worker = waiting[fd]
             message = recv(fd)
             if worker.state is _State.STARTING:

@@ -15,8 +15,8 @@ from typing import Any, NoReturn
 
 from .isolation import apply_limits, die_with_parent, drop_privileges, kill_tree
 
-MEMORY_EXIT = 0x6D  # the child's exit code for an uncaught MemoryError
-_SETUP_EXIT = 0x7E  # the child could not set itself up (limits, user, directory)
+MEMORY_EXIT = 0x6D  # the child's exit code for an uncaught MemoryError (status memory)
+_SETUP_EXIT = 0x7E  # the child could not set itself up: limits, user, directory (status sandbox_error)
 _CHUNK = 65536
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8",
         "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -82,8 +82,11 @@ def _child(path: str, workdir: str, limits: dict[str, Any], uid: int | None, fds
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8")
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                       errors="backslashreplace", line_buffering=True)
-    except BaseException:
-        os._exit(_SETUP_EXIT)
+    except BaseException as exc:
+        try:
+            os.write(2, f"sandbox setup failed: {type(exc).__name__}: {exc}\n".encode())
+        finally:
+            os._exit(_SETUP_EXIT)
     os._exit(_run_main(path))
 
 
@@ -216,6 +219,8 @@ def _status(stop: str | None, wait_status: int, cpu_used: float, cpu_limit: floa
     code = os.WEXITSTATUS(wait_status)
     if code == 0:
         return "ok", 0
+    if code == _SETUP_EXIT:
+        return "sandbox_error", code
     return ("memory" if code == MEMORY_EXIT else "error"), code
 
 

@@ -221,3 +221,26 @@ def test_stdin_without_final_newline_and_large(pool: SandboxPool) -> None:
     assert pool.run("import sys\nprint(len(sys.stdin.read()))", stdin=big).stdout == f"{1 << 20}\n"
     unread = pool.run("print('ignored stdin')", stdin=big)  # the program never reads it
     assert unread.status is Status.OK and unread.stdout == "ignored stdin\n"
+
+
+def test_descriptors_past_1024() -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("cannot open 1100 descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]  # the pool's pipes land past 1024
+    try:
+        with SandboxPool(workers=1) as pool:
+            assert pool.run("print(5)").stdout == "5\n"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_worker_start_failure_is_reported_and_cleaned_up() -> None:
+    before = set(_descendants(os.getpid()))
+    with pytest.raises(RuntimeError, match="no_such_module_for_the_sandbox"):
+        SandboxPool(workers=2, preload=["no_such_module_for_the_sandbox"])
+    assert wait_dead(list(set(_descendants(os.getpid())) - before)) == []
