@@ -68,14 +68,19 @@ def _set(limit: int, soft: int, hard: int | None = None) -> None:
     resource.setrlimit(limit, (soft, hard))
 
 
-def apply_limits(cpu_s: float, memory_mb: int, max_processes: int, max_file_mb: int) -> None:
-    """Resource limits of a sandboxed process (inherited by its children)."""
+def apply_limits(cpu_s: float, memory_mb: int, max_processes: int | None, max_file_mb: int) -> None:
+    """Resource limits of a sandboxed process (inherited by its children).
+
+    ``max_processes`` (RLIMIT_NPROC, threads included) counts every task of the process's user: only
+    meaningful for a user of the sandbox's own; None leaves it alone.
+    """
     cpu = max(1, int(-(-cpu_s // 1)))  # whole seconds, rounded up
     _set(resource.RLIMIT_CPU, cpu, cpu + 1)  # SIGXCPU at the soft limit, SIGKILL a second later
     _set(resource.RLIMIT_AS, memory_mb << 20)
     _set(resource.RLIMIT_FSIZE, max_file_mb << 20)
     _set(resource.RLIMIT_CORE, 0)
-    _set(resource.RLIMIT_NPROC, max_processes)
+    if max_processes is not None:
+        _set(resource.RLIMIT_NPROC, max_processes)
 
 
 class _CapHeader(ctypes.Structure):

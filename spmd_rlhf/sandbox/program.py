@@ -70,7 +70,8 @@ def _child(path: str, workdir: str, limits: dict[str, Any], uid: int | None, fds
             os.dup2(fd, target)
         os.closerange(3, 1 << 16)
         os.chdir(workdir)
-        apply_limits(limits["cpu_s"], limits["memory_mb"], limits["max_processes"], limits["max_file_mb"])
+        max_processes = limits["max_processes"] if uid is not None else None  # the caller's user: not counted
+        apply_limits(limits["cpu_s"], limits["memory_mb"], max_processes, limits["max_file_mb"])
         if uid is not None:
             drop_privileges(uid)
         die_with_parent()

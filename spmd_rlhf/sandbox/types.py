@@ -15,7 +15,7 @@ class SandboxLimits:
     cpu_s: float | None = None  # CPU seconds (RLIMIT_CPU); None = timeout_s
     memory_mb: int = 1024  # address space (RLIMIT_AS) of each process
     max_output_bytes: int = 1 << 20  # per stream; more kills the program (status output_truncated)
-    max_processes: int = 32  # processes of the sandbox user (RLIMIT_NPROC; enforced when root drops to it)
+    max_processes: int = 32  # tasks (threads too) of the sandbox user (RLIMIT_NPROC; only when run as root)
     max_file_mb: int = 64  # largest file the program may write (RLIMIT_FSIZE)
 
     def validate(self, prefix: str = "sandbox") -> None:
