@@ -147,6 +147,11 @@ def test_fork_bomb_is_bounded_and_cleaned_up(pool: SandboxPool) -> None:
     leftovers = [p for w in pool.worker_pids() for p in _descendants(w) if alive(p)]
     assert leftovers == []
     assert pool.run("print('still serving')").stdout == "still serving\n"
+    counted = ("import os, time\nstarted = 0\nfor _ in range(40):\n    try:\n        pid = os.fork()\n"
+               "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(100)\n    started += 1\n"
+               "print(started)\n")
+    outcome = pool.run(counted, limits=SandboxLimits(timeout_s=5.0, max_processes=10))
+    assert outcome.stdout == "9\n"  # the program itself is the 10th task of its user
 
 
 def test_no_network(pool: SandboxPool) -> None:
