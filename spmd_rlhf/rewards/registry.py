@@ -304,6 +304,9 @@ class RewardScorer:
         """End the sandbox pools (every worker process and what it started). Call at the end of a run;
         a later ``score`` starts them again."""
         self.sandbox.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def _call_with_alarm(self, fn: RewardFn, kwargs: dict[str, Any]) -> Any:
         """Run ``fn`` on the main thread under a SIGALRM timer; restores the previous handler/timer."""
