@@ -174,5 +174,6 @@ def test_damaged_checkpoint_as_resume_path_is_refused_naming_the_file(one_rank_c
     assert proc.stderr.count(f"{file}") == 1, out  # one message, from rank 0
     assert f"spmd_rlhf: checkpoint error: {file}" in proc.stderr, out
     assert "trainer.resume=" in proc.stderr, out  # what to do instead
-    assert 'spmd_rlhf/train.py", line' not in proc.stderr and "checkpoint.py\", line" not in proc.stderr, out
+    assert 'spmd_rlhf/train.py", line' not in proc.stderr, out  # no traceback: neither the entry's
+    assert not re.search(r'checkpoint(_\w+)?\.py", line', proc.stderr), out  # nor the checkpoint code's
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not logged_steps(tmp_path / "run")
