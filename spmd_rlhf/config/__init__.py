@@ -6,7 +6,9 @@ Nothing here imports torch, an engine or any other part of spmd_rlhf: every pack
 
 from __future__ import annotations
 
+from .context import check_context_length
 from .device_defaults import DEFAULT_CUDA_MICRO_BATCH_TOKENS, compile_layers, micro_batch_tokens
+from .keys import check_known_keys, schema_keys
 from .layout import (check_tp_shapes, dedicated_generation_ranks, generation_replicas, generation_world, is_split,
                      training_world)
 from .schema import (ADV_ESTIMATORS, ALGORITHMS, ENGINES, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, MISSING,
@@ -23,6 +25,6 @@ __all__ = [
     "DistributedConfig", "DynamicSamplingConfig", "FilterConfig", "KLGuardConfig", "KLRewardConfig", "LoggingConfig",
     "ModelConfig", "OverlongConfig", "RewardConfig", "RewardModelConfig", "RolloutConfig", "SFTWarmupConfig",
     "TrainerConfig", "VLLMConfig",
-    "check_tp_shapes", "compile_layers", "dedicated_generation_ranks", "generation_replicas", "generation_world",
-    "is_split", "micro_batch_tokens", "register_configs", "training_world", "validate",
+    "check_context_length", "check_known_keys", "check_tp_shapes", "compile_layers", "dedicated_generation_ranks",
+    "generation_replicas", "generation_world", "is_split", "micro_batch_tokens", "register_configs", "schema_keys", "training_world", "validate",
 ]

@@ -169,7 +169,8 @@ def _validate_paths(cfg: Config) -> None:
         if not os.path.isdir(path):
             raise ConfigError(
                 f"model.path={path!r} is not a directory; point model.path at a Hugging Face model directory "
-                "(config.json + *.safetensors), or leave it unset for the embedded tiny model"
+                "(config.json + *.safetensors; tools/convert_smollm2.py makes models/smollm2-135m-instruct), or "
+                "leave it unset for the embedded tiny model"
             )
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(
@@ -191,4 +192,5 @@ def _validate_paths(cfg: Config) -> None:
     for key, files in [("data.train_files", cfg.data.train_files), ("data.val_files", cfg.data.val_files)]:
         for path in files:
             if not os.path.isfile(path):
-                raise ConfigError(f"{key}: file {path!r} does not exist; fix the path in {key}")
+                raise ConfigError(f"{key}: file {path!r} does not exist; fix the path in {key} (GSM8K in this "
+                                  "format: tools/prepare_gsm8k.py writes data/gsm8k/train.parquet and test.parquet)")
