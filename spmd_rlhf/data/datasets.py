@@ -186,6 +186,19 @@ def _report_malformed(bad: list[tuple[int, str]], stats: DatasetStats, source: s
     logger.warning("%s: skipped %d malformed rows: %s%s", source, len(bad), shown, more)
 
 
+def _check_not_raw_gsm8k(rows: list[tuple[int, dict | Exception]], key: str, source: str) -> None:
+    """Refuse a file of raw GSM8K rows (``question``/``answer``, no ``prompt``) with the one tool
+    that converts it, instead of reporting every row as malformed."""
+    first = next((row for _, row in rows if isinstance(row, dict)), None)
+    if first is None or "prompt" in first or not {"question", "answer"} <= set(first):
+        return
+    raise ValueError(
+        f"{key}: {source} holds raw GSM8K rows (question/answer), not prompts in verl's format; convert it with "
+        f"`python tools/prepare_gsm8k.py --input {source} --out-dir data/gsm8k` and set "
+        f"{key}=[data/gsm8k/{'train' if 'train' in key else 'test'}.jsonl]"
+    )
+
+
 def build_prompt_examples(
     rows: list[tuple[int, dict | Exception]],
     tokenizer: Any,
@@ -199,6 +212,7 @@ def build_prompt_examples(
     """Tokenise valid rows, dropping (and counting) malformed ones and prompts longer than
     ``max_prompt_length`` tokens. ``key``/``source`` name the config key and file in errors."""
     _check_args(max_prompt_length, max_bad_fraction)
+    _check_not_raw_gsm8k(rows, key, source)
     stats = DatasetStats(rows=len(rows))
     examples: list[PromptExample] = []
     bad: list[tuple[int, str]] = []
