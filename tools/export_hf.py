@@ -1,14 +1,16 @@
 """Turn a training checkpoint into a Hugging Face model directory that transformers and vLLM load.
 
     python tools/export_hf.py outputs/run/checkpoints/step_00000120 exported/   # one step folder
-    python tools/export_hf.py outputs/run/checkpoints exported/ --dtype bfloat16  # the one `latest` names
+    python tools/export_hf.py outputs/run/checkpoints/latest exported/          # the one `latest` names
+    python tools/export_hf.py outputs/run/checkpoints exported/ --dtype float32  # the same; fp32 weights
 
 Reads only the actor's model weights from the DCP files, in one process on the CPU, whatever the
-number of ranks that saved them (no process group). Writes ``config.json`` and the tokenizer's
-files (from the step folder's ``hf/``) and the weights as safetensors through ``save_pretrained``,
-which leaves out tied weights (``lm_head.weight`` when ``tie_word_embeddings``) the way transformers
-expects them, and shards models past its size limit. Weights stay fp32 unless ``--dtype`` says
-otherwise.
+number of ranks that saved them (no process group). Writes ``config.json`` (with ``use_cache``
+on, for generation) and the tokenizer's files (from the step folder's ``hf/``) and the weights as
+safetensors through ``save_pretrained``, which leaves out tied weights (``lm_head.weight`` when
+``tie_word_embeddings``) the way transformers expects them, and shards models past its size limit.
+Weights are written in the model's own dtype (its config's ``dtype``: a bf16 model stays bf16;
+fp32 when the config names none) unless ``--dtype`` says otherwise; training keeps fp32 masters.
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ import sys
 import torch
 
 from spmd_rlhf.trainer.checkpoint import load_model_weights
-from spmd_rlhf.trainer.checkpoint_files import HF_DIR, CheckpointError, is_complete, newest_checkpoint
+from spmd_rlhf.trainer.checkpoint_files import HF_DIR, LATEST, CheckpointError, is_complete, newest_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def find_step_folder(checkpoint: str) -> str:
-    """``checkpoint`` itself if it is a step folder, else the newest complete one inside it."""
+    """``checkpoint`` itself if it is a step folder; the step a ``latest`` file names; else the
+    newest complete step folder inside the directory ``checkpoint``."""
+    if os.path.basename(os.path.normpath(checkpoint)) == LATEST and os.path.isfile(checkpoint):
+        with open(checkpoint, encoding="utf-8") as f:
+            named = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f.read().strip())
+        if not is_complete(named):
+            raise CheckpointError(f"{checkpoint} names {named}, which is not a complete step folder; pass another "
+                                  "checkpoints/step_XXXXXXXX folder")
+        return named
     if is_complete(checkpoint):
         return checkpoint
     found = newest_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
@@ -45,8 +55,17 @@ def _tie_check(weights: dict[str, torch.Tensor], tied: dict[str, str], step_fold
                                   "(tie_word_embeddings); fix hf/config.json")
 
 
+def model_dtype(config) -> torch.dtype:
+    """The dtype a model's config names (``dtype``, e.g. bfloat16 for most chat models); fp32 if none."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.dtype | None = None) -> None:
-    """Write the HF directory ``out`` from a step folder (or a checkpoint dir: its newest step)."""
+    """Write the HF directory ``out`` from a step folder, a ``latest`` file or a checkpoint dir
+    (its newest step), in ``dtype`` (default: the model's own)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     step_folder = find_step_folder(checkpoint)
@@ -55,11 +74,12 @@ def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.
         raise CheckpointError(f"{hf_dir}/config.json is missing (the checkpoint was saved without hf_config); copy "
                               "the model's config.json and tokenizer files there and export again")
     weights = load_model_weights(step_folder, component)
-    if dtype is not None:
-        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     config = AutoConfig.from_pretrained(hf_dir)
+    dtype = dtype or model_dtype(config)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    config.use_cache = True  # training turns the KV cache off; generation wants it
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tied = getattr(model, "_tied_weights_keys", None) if getattr(config, "tie_word_embeddings", False) else None
     tied = tied if isinstance(tied, dict) else {}  # transformers 4 lists names without their source
     _tie_check(weights, tied, step_folder)
@@ -78,10 +98,12 @@ def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a step folder (checkpoints/step_XXXXXXXX) or a checkpoint directory")
+    parser.add_argument("checkpoint", help="a step folder (checkpoints/step_XXXXXXXX), checkpoints/latest, or a "
+                        "checkpoint directory (its newest step)")
     parser.add_argument("out", help="the HF directory to write")
     parser.add_argument("--component", default="actor", help="which model of the checkpoint (default: actor)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as saved)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: the model's own, "
+                        "from its config; float32 if it names none)")
     args = parser.parse_args(argv)
     try:
         export_hf(args.checkpoint, args.out, args.component, DTYPES.get(args.dtype))

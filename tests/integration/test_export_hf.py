@@ -101,3 +101,44 @@ def test_export_of_a_missing_component(checkpoint, tmp_path):
     path, _, _ = checkpoint
     with pytest.raises(CheckpointError, match="no component 'critic'"):
         load_tool().export_hf(path, str(tmp_path / "out"), component="critic")
+
+
+def test_export_takes_the_latest_file(checkpoint, tmp_path):
+    path, original, _ = checkpoint
+    latest = os.path.join(os.path.dirname(path), "latest")
+    assert os.path.isfile(latest)
+    proc = subprocess.run([sys.executable, str(TOOL), latest, str(tmp_path / "hf")], env=child_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(exported.state_dict(), original.state_dict(), rtol=0, atol=0)
+
+
+def test_export_writes_the_model_dtype_with_the_cache_on(tmp_path):
+    """A bf16 model trained in fp32 masters (its config still names bf16, the cache off for training)
+    exports in bf16, ready to generate."""
+    tokenizer = build_tokenizer()
+    config = tiny_model_config(len(tokenizer), 64, 2, 2, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.dtype, model.config.use_cache = torch.bfloat16, False
+    path = CheckpointManager(tmp_path / "ckpt", keep_last=1).save(
+        1, {"actor": ModelOptimizerState(model, torch.optim.AdamW(model.parameters()))}, hf_config=model.config,
+        tokenizer=tokenizer)
+    load_tool().export_hf(path, str(tmp_path / "hf"))
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["dtype"] == "bfloat16" and saved["use_cache"] is True
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    torch.testing.assert_close(exported.model.layers[0].mlp.up_proj.weight,
+                               model.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16), rtol=0, atol=0)
+    load_tool().export_hf(path, str(tmp_path / "fp32"), dtype=torch.float32)  # asked for: fp32
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype="auto").dtype == torch.float32
+
+
+def test_a_latest_file_naming_a_missing_step(checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest").write_text("step_00000099")
+    with pytest.raises(CheckpointError, match="step_00000099, which is not a complete step folder"):
+        load_tool().export_hf(str(ckpt / "latest"), str(tmp_path / "out"))
