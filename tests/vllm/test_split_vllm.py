@@ -2,7 +2,8 @@
 
 The reference is the colocated engine on a world of one; the split runs put the engine on the
 last G ranks of a larger world, whose first ranks build none (see ``workers/split_vllm_worker.py``
-for what else each run asserts). With the same weights and seeds the completions must be the
+for what else each run asserts): one generation rank, two replicas (per-prompt seeds), and one
+replica over tp = 2. With the same weights and seeds the completions must be the
 colocated engine's: the same tokens and finish reasons, log-probs within 1e-4 (tp = 2 sums its
 partial products in another order).
 """
@@ -39,16 +40,18 @@ def colocated(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "gen", "tp"), [(3, 1, 1), (4, 2, 2)])
+@pytest.mark.parametrize(("world", "gen", "tp"), [(3, 1, 1), (3, 2, 1), (4, 2, 2)])
 def test_split_engine_generates_what_colocated_does(tmp_path, colocated, world, gen, tp):
     split = run(tmp_path / "result", world, gen, tp)
     assert all(r["world_ok"] for r in split)
-    assert [p for r in split for p in r["prompts"]] == colocated[0]["prompts"]
-    for key in ("greedy", "sampled"):
+    assert [i for r in split for i in r["prompt_ids"]] == colocated[0]["prompt_ids"] == list(range(7))
+    keys = ["greedy", "seeded"] + (["sampled"] if gen == tp else [])  # unseeded: one replica only
+    assert all(set(keys) <= set(r) for r in split)
+    for key in keys:
         got, want = merged(split, key), merged(colocated, key)
         assert got["token_ids"] == want["token_ids"], key
         assert got["finish_reasons"] == want["finish_reasons"], key
         for a, b in zip(got["logprobs"], want["logprobs"], strict=True):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
-    first_samples = merged(split, "sampled")["token_ids"][::2]  # n = 2, prompt-major
+    first_samples = merged(split, "seeded")["token_ids"][::2]  # n = 2, prompt-major
     assert first_samples != merged(split, "greedy")["token_ids"], "temperature 0.7 sampled, not greedy"

@@ -5,7 +5,7 @@ to the world size this is the colocated engine (the reference); otherwise the to
 placement: the first W - G ranks build no engine and keep using their own group while the last G
 ranks build one over the generation mesh (gen_dp = G / tp, tp), load the weights of a tiny random fp32 Qwen2 from a full
 state dict and generate. Each generation rank writes ``<prefix>.rank<r>.json`` with its share of
-the completions (greedy and seeded sampling, over the same prompts on one replica) and
+the completions (greedy, and sampling with per-prompt seeds and, on one replica, without) and
 ``world_ok``; the test compares them with the colocated single-rank engine's.
 
 What the split run proves on the way (asserted here):
@@ -43,17 +43,24 @@ def config() -> Qwen2Config:
                        tie_word_embeddings=True, use_sliding_window=False)
 
 
-def share(rows: list, tp: int, tp_rank: int) -> list:
-    """This tp rank's contiguous share of ``rows`` (uneven when tp does not divide them)."""
-    per = -(-len(rows) // tp)
-    return rows[tp_rank * per:(tp_rank + 1) * per]
+def share(rows: list, parts: int, part: int) -> list:
+    """Part ``part`` of ``rows`` cut into ``parts`` contiguous pieces (uneven when needed)."""
+    per = -(-len(rows) // parts)
+    return rows[part * per:(part + 1) * per]
 
 
-def generate(engine: VLLMEngine, prompts: list[list[int]], tp: int, tp_rank: int) -> dict:
-    mine = share(prompts, tp, tp_rank)
-    out: dict = {"prompts": mine}
-    for key, sampling in (("greedy", GREEDY), ("sampled", SAMPLED)):
-        samples: Samples = engine.generate(mine, sampling)
+def generate(engine: VLLMEngine, prompts: list[list[int]], slot: int, slots: int) -> dict:
+    """This generation rank's share of the prompts (rank order), greedy and sampled. Per-prompt
+    seeds (the prompt's index) make sampling independent of the replica; without them, sampling
+    is compared only where one replica draws every prompt."""
+    ids = share(list(range(len(prompts))), slots, slot)
+    mine = [prompts[i] for i in ids]
+    one_replica = engine.tp == slots
+    out: dict = {"prompt_ids": ids}
+    for key, sampling, seeds in (("greedy", GREEDY, None), ("seeded", SAMPLED, ids), ("sampled", SAMPLED, None)):
+        if key == "sampled" and not one_replica:
+            continue
+        samples: Samples = engine.generate(mine, sampling, seeds=seeds)
         out[key] = {"token_ids": samples.token_ids, "logprobs": samples.logprobs,
                     "finish_reasons": samples.finish_reasons}
     return out
@@ -80,7 +87,7 @@ def main() -> None:
                             kv_cache_gib=1, enforce_eager=True, timeout_s=TIMEOUT_S)
         engine.load_weights(full_tensor_stream(full.named_parameters(), 2048, torch.float32))
         assert engine.weight_version == 1
-        result = generate(engine, prompts, tp, topo.tp_rank)
+        result = generate(engine, prompts, rank - (world - gen), gen)
 
     late = dist.new_group(list(range(world)))  # job-wide, after the engine: names must agree
     seen = torch.tensor([float(rank)])
