@@ -235,14 +235,14 @@ class RewardScorer:
         self._logged: set[str] = set()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         if code_score not in CODE_SCORES:
-            raise ValueError(f"reward.code_score={code_score!r} must be one of {', '.join(CODE_SCORES)}")
+            raise ValueError(f"reward.code_score must be one of {', '.join(CODE_SCORES)}, not {code_score!r}")
         if not math_timeout_s > 0:
-            raise ValueError(f"reward.math_timeout_s={math_timeout_s} must be > 0 seconds")
+            raise ValueError(f"reward.math_timeout_s must be > 0 seconds, not {math_timeout_s}")
         limits = sandbox_limits or SandboxLimits()
         limits.validate("reward.sandbox")
         self.sandbox_workers = sandbox_workers or min(4, os.cpu_count() or 1)
         if self.sandbox_workers < 1:
-            raise ValueError(f"reward.sandbox.workers={sandbox_workers} must be >= 1")
+            raise ValueError(f"reward.sandbox.workers must be >= 1, not {sandbox_workers}")
         self.context = RewardContext(limits, code_score, float(math_timeout_s))
         self.sandbox = SandboxRunner(self.sandbox_workers, limits)  # pools start on the first sandboxed row
 
