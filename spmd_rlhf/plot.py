@@ -38,6 +38,7 @@ class Panel:
     patterns: tuple[str, ...]
     ylabel: str = ""
     stacked: bool = False  # the matched metrics are phases of one step: stacked bars
+    hint: str = ""  # why a run may not log it, shown when it did not
 
 
 PANELS = (
@@ -50,7 +51,8 @@ PANELS = (
     Panel("gradient norm", ("actor/grad_norm", "critic/grad_norm"), "norm before clipping"),
     Panel("step time by phase", ("timing/*",), "seconds", stacked=True),
     Panel("tokens/s per GPU", ("perf/tokens_per_s_per_gpu",), "tokens/s"),
-    Panel("MFU", ("perf/mfu/*",), "fraction of peak"),
+    Panel("MFU", ("perf/mfu/*",), "fraction of peak", hint="needs the device's peak FLOPs:\nknown GPUs, or set "
+          "trainer.peak_tflops"),
 )
 
 
@@ -126,7 +128,8 @@ def _draw_panel(ax, panel: Panel, series: Series) -> str:
     keys = panel_keys(panel, series)
     if not keys:
         title = panel.title + NOT_LOGGED
-        ax.text(0.5, 0.5, "not logged in this run:\n" + "\n".join(panel.patterns), ha="center", va="center",
+        text = "not logged in this run:\n" + "\n".join(panel.patterns) + (f"\n\n{panel.hint}" if panel.hint else "")
+        ax.text(0.5, 0.5, text, ha="center", va="center",
                 transform=ax.transAxes, color="0.4")
         ax.set_xticks([])
         ax.set_yticks([])
