@@ -94,6 +94,41 @@ def test_unknown_algorithm_option(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_truncated_safetensors_names_the_file(tmp_path: Path, tiny_hf_dir: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tiny_hf_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])  # an interrupted download
+    proc = train_cli(tmp_path, f"model.path={broken}", "trainer.sft.steps=0")
+    assert_config_error(proc, "model.path")
+    assert str(weights) in proc.stderr and "truncated" in proc.stderr
+
+
+def test_unknown_key_added_with_plus_is_refused(tmp_path: Path) -> None:
+    proc = train_cli(tmp_path, "+trainer.total_step=5")
+    assert_config_error(proc, "trainer.total_step")
+    assert "did you mean trainer.total_steps?" in proc.stderr
+
+
+def test_prompt_and_response_beyond_the_model_positions(tmp_path: Path, tiny_hf_dir: Path) -> None:
+    # the tiny model has 128 positions
+    proc = train_cli(tmp_path, f"model.path={tiny_hf_dir}", "trainer.sft.steps=0", "data.max_prompt_length=100",
+                     "rollout.max_new_tokens=64")
+    assert_config_error(proc, "data.max_prompt_length")
+    assert "rollout.max_new_tokens=64" in proc.stderr and "max_position_embeddings=128" in proc.stderr
+
+
+def test_raw_gsm8k_as_training_data(tmp_path: Path, tiny_hf_dir: Path) -> None:
+    raw = tmp_path / "train.jsonl"
+    raw.write_text('{"question": "1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n' * 4)
+    proc = train_cli(tmp_path, f"model.path={tiny_hf_dir}", f"data.train_files=[{raw}]", "trainer.sft.steps=0")
+    assert_config_error(proc, "data.train_files")
+    assert "tools/prepare_gsm8k.py" in proc.stderr
+    assert sum(PREFIX in line for line in proc.stderr.splitlines()) == 1
+
+
 COLLECTIVE_TIMEOUT_S = 600  # distributed.timeout_s's default
 
 
