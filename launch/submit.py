@@ -91,10 +91,13 @@ def compose_config(overrides: list[str]):
     from omegaconf import OmegaConf
 
     import spmd_rlhf.train as train  # registers the schema and the recipes
+    from spmd_rlhf.config import check_known_keys
 
     with initialize_config_dir(config_dir=str(train.CONFIG_DIR), version_base="1.3", job_name="spmd_rlhf"):
         dcfg = compose(config_name="config", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    return OmegaConf.to_object(dcfg), OmegaConf.to_container(dcfg, resolve=True), dcfg
+    config_dict = OmegaConf.to_container(dcfg, resolve=True)
+    check_known_keys(config_dict)  # a +key the schema lacks would be dropped silently by to_object
+    return OmegaConf.to_object(dcfg), config_dict, dcfg
 
 
 class Train(submitit.helpers.Checkpointable):
@@ -187,10 +190,16 @@ def run_dirs(args: argparse.Namespace, points: list[tuple[str, list[str]]]) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spmd_rlhf.config import ConfigError
+
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     points = expand_sweep([RESUME_AUTO, *overrides], args.multirun)
     for _, point in points:  # unknown keys and bad values fail here, not in a queued job
-        compose_config(point)
+        try:
+            compose_config(point)
+        except ConfigError as err:
+            print(f"submit.py: configuration error: {err}", file=sys.stderr)
+            return 2
     dirs = run_dirs(args, points)
     executor = make_executor(args, Path(args.output_dir).resolve() / args.name / "submitit")
     jobs = [executor.submit(Train(point, run_dir)) for (_, point), run_dir in zip(points, dirs, strict=True)]
