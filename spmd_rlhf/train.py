@@ -14,6 +14,7 @@ import random
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -28,6 +29,7 @@ from .config import (Config, ConfigError, check_tp_shapes, dedicated_generation_
                      register_configs, validate)
 from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
 from .data.loader import PromptLoader
+from .distributed.comm import use_training_group
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
 from .models.build import build_models, build_reference
 from .models.heads import build_critic, check_model_dir, load_reward_model
@@ -36,8 +38,11 @@ from .rewards.model import RewardModel
 from .rewards.registry import RewardScorer
 from .rollout.build import build_engine
 from .rollout.generation import Generation
+from .rollout.local import LocalRollouts
+from .rollout.remote import RemoteRollouts
 from .rollout.scoring import Scoring
-from .rollout.sync import WeightSync, bucket_bytes_of
+from .rollout.sync import CrossWeightSync, WeightSync, bucket_bytes_of
+from .rollout.worker import GenerationWorker
 from .rollout.vllm_checks import check_vllm
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
@@ -111,10 +116,10 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
-def broadcast_from_rank_zero(value):
-    """Rank 0's value on every rank (file-system answers may differ across nodes for a moment)."""
+def broadcast_from_rank_zero(value, group: dist.ProcessGroup | None = None):
+    """Rank 0's value on every rank of ``group`` (file-system answers may differ across nodes for a moment)."""
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -130,14 +135,15 @@ def shared_run_dir(run_dir: str, topo: Topology) -> str:
 
 def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: RewardScorer,
                   logger: MetricsLogger, resuming: bool = False) -> Trainer:
-    """Every part of the run; ``resuming`` skips the warm start (the checkpoint has the weights)."""
+    """Every part of a training rank's run; ``resuming`` skips the warm start (the checkpoint has
+    the weights). Colocated, the rank also hosts an engine; split, the rollouts are remote."""
     hf_config = model_config(cfg, tokenizer)
     actor_model = build_models(cfg, topo, hf_config).actor
     if cfg.trainer.sft.steps > 0 and not resuming:
         if cfg.model.path is not None:
             raise ConfigError("trainer.sft.steps > 0 needs the embedded task's demonstrations; set trainer.sft.steps=0")
         metrics = sft_warm_start(actor_model, sft_demonstrations(cfg, tokenizer), cfg.trainer.sft, topo.rank,
-                                 topo.world_size, topo.device, tokenizer.pad_token_id, cfg.trainer.grad_clip)
+                                 topo.dp_size, topo.device, tokenizer.pad_token_id, cfg.trainer.grad_clip)
         logger.log(0, metrics, advance=False)
     algo, t = cfg.algorithm, cfg.trainer
     reference = build_reference(actor_model, hf_config, topo) if needs_reference(cfg) else None
@@ -152,15 +158,37 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
         rm_dtype = torch.bfloat16 if cfg.reward.model.dtype == "bfloat16" else torch.float32
         reward_model = RewardModel(load_reward_model(cfg.reward.model.path, topo, rm_dtype), topo.device,
                                    cfg.reward.model.micro_batch_size)
-    with ActorOffload(actor_model, optimizer, topo.device, t.offload_actor_during_rollout):  # vLLM sizes its KV
-        engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
-    sync = WeightSync(engine, actor_model, topo, bucket_bytes_of(cfg.rollout.bucket_mb))
-    loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
-                          mini_batch=t.mini_batch_size)
-    generation = Generation(cfg, topo, engine, loader, Scoring(cfg, tokenizer, scorer, reward_model))
-    parts = TrainerParts(tokenizer, actor, engine, sync, generation, loader, logger, val, reference=reference,
-                         critic=critic)
+    score, bucket_bytes = Scoring(cfg, tokenizer, scorer, reward_model), bucket_bytes_of(cfg.rollout.bucket_mb)
+    if topo.placement == "split":  # every training rank walks the whole batch: it receives groups of any prompt
+        loader = global_loader(cfg, train)
+        rollouts = RemoteRollouts(cfg, topo, CrossWeightSync(topo, bucket_bytes, model=actor_model), loader, score)
+    else:
+        offload = partial(ActorOffload, actor_model, optimizer, topo.device, t.offload_actor_during_rollout)
+        with offload():  # vLLM sizes its KV cache in the room left
+            engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
+        loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
+                              mini_batch=t.mini_batch_size)
+        rollouts = LocalRollouts(cfg, topo, engine, WeightSync(engine, actor_model, topo, bucket_bytes),
+                                 Generation(cfg, topo, engine, loader, score), val, offload)
+    parts = TrainerParts(tokenizer, actor, rollouts, loader, logger, val, reference=reference, critic=critic)
     return Trainer(cfg, topo, parts)
+
+
+def global_loader(cfg: Config, train: list[PromptExample]) -> PromptLoader:
+    """The loader of split placement: every rank sees the whole batch, in global order."""
+    t = cfg.trainer
+    return PromptLoader(train, t.batch_size, 0, 1, cfg.data.seed, cfg.data.shuffle, mini_batch=t.mini_batch_size)
+
+
+def run_generation_rank(cfg: Config, topo: Topology, tokenizer, train, val, scorer: RewardScorer) -> None:
+    """A generation-only rank (split placement): the engine, run by training rank 0's controls."""
+    hf_config = model_config(cfg, tokenizer)
+    engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
+    try:
+        sync = CrossWeightSync(topo, bucket_bytes_of(cfg.rollout.bucket_mb), engine=engine)
+        GenerationWorker(cfg, topo, engine, sync, global_loader(cfg, train), tokenizer, scorer, val).run()
+    finally:
+        engine.close()
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -264,22 +292,27 @@ def train_on(topo: Topology, cfg: Config, run_dir: str, tokenizer, train, val, s
     closed here on every path, while the group is still alive (vLLM's teardown needs it)."""
     run_dir = shared_run_dir(run_dir, topo)
     seed_everything(cfg.trainer.seed, topo.rank)
+    if not topo.is_training:
+        run_generation_rank(cfg, topo, tokenizer, train, val, scorer)
+        return {}
+    group = topo.train_group if topo.placement == "split" else None  # what training collectives span
+    use_training_group(group)
     lg = cfg.logging
     logger = MetricsLogger(run_dir, topo.is_main, cfg.trainer.total_steps, lg, config_dict, lg.console,
-                           lg.progress_bar)
+                           lg.progress_bar, group=group)
+    generation = f"{len(topo.gen_ranks)} generation ranks" if topo.placement == "split" else "colocated generation"
     logger.write(f"spmd_rlhf: world {topo.world_size} ({topo.backend}), train mesh {tuple(topo.train_mesh.shape)},"
-                 f" generation mesh {tuple(topo.gen_mesh.shape)}, {len(train)} train / {len(val)} held-out prompts,"
-                 f" run dir {run_dir}")
+                 f" {generation}, tp {topo.tp}, {len(train)} train / {len(val)} held-out prompts, run dir {run_dir}")
     checkpoints = CheckpointManager(cfg.trainer.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
-                                    cfg.trainer.keep_last)
-    resume_path = broadcast_from_rank_zero(checkpoints.resolve(cfg.trainer.resume))
+                                    cfg.trainer.keep_last, process_group=group)
+    resume_path = broadcast_from_rank_zero(checkpoints.resolve(cfg.trainer.resume), group)
     trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger, resuming=resume_path is not None)
     try:
         if resume_path is not None:
             info = checkpoints.load(resume_path, trainer.checkpoint_state())
             trainer.state.saved_step = info.step
             logger.write(f"spmd_rlhf: resumed from {info.path} (step {info.step}, saved by {info.world_size} ranks)")
-        with PreemptionHandler() as preemption:
+        with PreemptionHandler(process_group=group) as preemption:
             results = trainer.run(checkpoints, preemption)
         report(results, logger)
         logger.close()

@@ -224,6 +224,7 @@ def step_times(args, topo, actor, engine, hf_config) -> dict:
     from spmd_rlhf.models.build import build_reference
     from spmd_rlhf.rewards.registry import RewardScorer
     from spmd_rlhf.rollout.generation import Generation
+    from spmd_rlhf.rollout.local import LocalRollouts
     from spmd_rlhf.rollout.scoring import Scoring
     from spmd_rlhf.rollout.sync import WeightSync
     from spmd_rlhf.trainer.actor import Actor
@@ -242,8 +243,9 @@ def step_times(args, topo, actor, engine, hf_config) -> dict:
     trainer_actor = Actor(actor, optimizer, build_scheduler(optimizer, 0, 100), topo.dp_size, 1.0, topo.device)
     loader = PromptLoader(examples, args.train_prompts, topo.rank, topo.world_size, 0)
     scoring = Scoring(cfg, _NullTokenizer(), RewardScorer(cfg.reward.custom_function, 10.0))
-    parts = TrainerParts(_NullTokenizer(), trainer_actor, engine, WeightSync(engine, actor, topo, 256 * 2**20),
-                         Generation(cfg, topo, engine, loader, scoring), loader, None, [], reference=reference)
+    rollouts = LocalRollouts(cfg, topo, engine, WeightSync(engine, actor, topo, 256 * 2**20),
+                             Generation(cfg, topo, engine, loader, scoring), [])
+    parts = TrainerParts(_NullTokenizer(), trainer_actor, rollouts, loader, None, [], reference=reference)
     trainer = Trainer(cfg, topo, parts)
     records = []
     for _ in range(args.steps):

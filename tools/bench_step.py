@@ -77,6 +77,7 @@ def build_trainer(args, topo, hf_config, actor_model, engine, cfg):
     from spmd_rlhf.models.build import build_reference
     from spmd_rlhf.rewards.registry import RewardScorer
     from spmd_rlhf.rollout.generation import Generation
+    from spmd_rlhf.rollout.local import LocalRollouts
     from spmd_rlhf.rollout.scoring import Scoring
     from spmd_rlhf.rollout.sync import WeightSync, bucket_bytes_of
     from spmd_rlhf.trainer.actor import Actor
@@ -98,8 +99,8 @@ def build_trainer(args, topo, hf_config, actor_model, engine, cfg):
     tokenizer = _NullTokenizer()
     scoring = Scoring(cfg, tokenizer, RewardScorer(cfg.reward.custom_function, 10.0))
     sync = WeightSync(engine, actor_model, topo, bucket_bytes_of(cfg.rollout.bucket_mb))
-    parts = TrainerParts(tokenizer, actor, engine, sync, Generation(cfg, topo, engine, loader, scoring), loader, None,
-                         [], reference=reference)
+    rollouts = LocalRollouts(cfg, topo, engine, sync, Generation(cfg, topo, engine, loader, scoring), [])
+    parts = TrainerParts(tokenizer, actor, rollouts, loader, None, [], reference=reference)
     return Trainer(cfg, topo, parts)
 
 
@@ -177,11 +178,11 @@ def rollout_ab(trainer, args, hf_config, device) -> dict:
     """Generate the step's 64 x 8 samples with and without a seed per request (same weights)."""
     from spmd_rlhf.rollout.base import SamplingConfig
 
-    engine, out = trainer.engine, {}
+    engine, out = trainer.rollouts.engine, {}
     prompts = random_prompts(args.train_prompts, args.prompt_len, hf_config.vocab_size, seed=21)
     sampling = SamplingConfig(max_new_tokens=args.gen_len, n=args.n, temperature=1.0, seed=3, ignore_eos=True)
     engine.wake()
-    trainer.sync.push()
+    trainer.rollouts.sync.push()
     for seeded in (True, False, True):
         engine.seed_per_request = seeded
         if device.type == "cuda":

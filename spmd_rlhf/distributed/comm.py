@@ -22,12 +22,23 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+# The ranks the training collectives span: the world colocated, the training ranks under split
+# placement (set once by ``use_training_group`` before anything is built).
+_TRAINING_GROUP: dist.ProcessGroup | None = None
+
+
+def use_training_group(group: dist.ProcessGroup | None) -> None:
+    """Make ``all_reduce_floats`` reduce over ``group`` (None: the world)."""
+    global _TRAINING_GROUP
+    _TRAINING_GROUP = group
+
+
 def all_reduce_floats(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
-    """``values`` reduced element-wise over every rank (one collective); unchanged without a group."""
+    """``values`` reduced element-wise over every training rank (one collective); unchanged without a group."""
     if not values or not dist.is_initialized():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(tensor, op=op)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device(_TRAINING_GROUP))
+    dist.all_reduce(tensor, op=op, group=_TRAINING_GROUP)
     return tensor.tolist()
 
 

@@ -36,8 +36,10 @@ def eval_sampling(cfg: Config) -> SamplingConfig:
                           top_k=r.top_k if r.val_temperature > 0 else 0, seed=r.seed + 17)
 
 
-def step_seed(cfg: Config, step: int, replica: int, round_: int) -> int:
-    return cfg.rollout.seed + 1_000_003 * step + 7919 * replica + 104_729 * round_
+def step_seed(cfg: Config, step: int, round_: int) -> int:
+    """The sampling seed of a step's round; each prompt's samples then draw from streams keyed by
+    this seed and the prompt's index (``base.sample_seeds``), on whichever rank generates it."""
+    return cfg.rollout.seed + 1_000_003 * step + 104_729 * round_
 
 
 class Generation:
@@ -52,16 +54,18 @@ class Generation:
         self.score = score
 
     def sampling(self, step: int, round_: int = 0, greedy: bool = False) -> SamplingConfig:
-        return sampling_config(self.cfg, step_seed(self.cfg, step, self.topo.gen_dp_rank, round_), greedy)
+        return sampling_config(self.cfg, step_seed(self.cfg, step, round_), greedy)
 
     def generate(self, prompts: list[PromptExample], step: int, round_: int = 0) -> Rollout:
         """One round: samples of ``prompts``, scored."""
         sampling = self.sampling(step, round_)
-        samples = self.engine.generate([p.prompt_ids for p in prompts], sampling)
+        seeds = [p.index for p in prompts]
+        samples = self.engine.generate([p.prompt_ids for p in prompts], sampling, seeds=seeds)
         rollout = Rollout([p for p in prompts for _ in range(sampling.n)], samples, sampling.n)
         rollout.metrics = self.score(rollout)
         if self.cfg.algorithm.adv_estimator == "remax":
-            greedy = self.engine.generate([p.prompt_ids for p in prompts], self.sampling(step, round_, greedy=True))
+            greedy = self.engine.generate([p.prompt_ids for p in prompts], self.sampling(step, round_, greedy=True),
+                                          seeds=seeds)
             baseline = Rollout(list(prompts), greedy, 1)
             self.score(baseline, shaping=False)
             rollout.greedy_rewards = baseline.rewards

@@ -15,9 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
+from ..distributed.comm import recv_object, send_object
+from ..distributed.cross_reshard import CrossReshard, param_specs
 from ..distributed.reshard import full_tensor_stream, reshard_stream
 from ..distributed.topology import Topology
+from ..distributed.tp_plan import param_shard_dims, replicated_dims
 from .base import RolloutEngine
 
 
@@ -34,8 +38,6 @@ def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module, tp: int) -> d
 
 def base_shard_dims(model: torch.nn.Module, tp: int) -> dict[str, int | None]:
     """The trainer's plan before any engine adjusts it: every tensor whole at tp = 1."""
-    from ..distributed.tp_plan import param_shard_dims, replicated_dims
-
     return param_shard_dims(model) if tp > 1 else replicated_dims(model)
 
 
@@ -74,3 +76,38 @@ class WeightSync:
         received = [0]
         self.engine.load_weights(_counted(self.stream(), received))
         return float(received[0])
+
+
+class CrossWeightSync:
+    """Split: the training ranks' FSDP shards -> the generation ranks' engines (``CrossReshard``).
+
+    Built on every rank (collective): training rank 0 asks the first generation rank's engine how it
+    wants the trainer's plan (``shard_dims``, whole tensors, dtype) and tells the training ranks.
+    ``push()`` sends on training ranks (returns the bytes this rank sent) and loads into the
+    engine on generation ranks (returns the bytes this rank received)."""
+
+    def __init__(self, topo: Topology, bucket_bytes: int, model: torch.nn.Module | None = None,
+                 engine: RolloutEngine | None = None):
+        assert (model is not None) == topo.is_training and (engine is not None) == topo.is_generating
+        self.topo, self.model, self.engine = topo, model, engine
+        train0, gen0 = topo.train_ranks[0], topo.gen_ranks[0]
+        specs = None
+        if topo.rank == gen0:
+            base = recv_object(train0)
+            dims = {name: None for name in base} if engine.wants_full_weights else engine.shard_dims(base)
+            send_object((dims, engine.dtype), train0)
+        if topo.is_training:
+            box = [None]
+            if topo.rank == train0:
+                send_object(base_shard_dims(model, topo.tp), gen0)
+                box = [recv_object(gen0)]
+            dist.broadcast_object_list(box, src=train0, group=topo.train_group)
+            dims, dtype = box[0]
+            specs = param_specs(model.named_parameters(), dims, dtype)
+        self.cross = CrossReshard(topo, specs, bucket_bytes)
+
+    def push(self) -> float:
+        if self.topo.is_training:
+            return float(self.cross.send(self.model.named_parameters()))
+        self.engine.load_weights(self.cross.receive())
+        return float(self.cross.received_bytes)

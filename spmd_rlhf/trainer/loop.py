@@ -5,10 +5,11 @@
             -> advantages (grpo, rloo, remax, reinforce++, gae) -> KL guard
             -> PPO epochs x mini-batches (actor, critic) -> reduced metrics
 
-Each phase has one owner: ``rollout/`` generates, scores and syncs weights (``Generation``,
-``WeightSync``), ``experience.py`` turns groups into targets, ``actor.py``/``critic.py`` update,
-``state.py`` holds the counters. The ``Trainer`` holds the order of the step and of the run
-(evaluations, checkpoints, preemption).
+Each phase has one owner: ``rollout/`` generates, scores and moves weights, colocated
+(``LocalRollouts``: this rank's engine) or split (``RemoteRollouts``: generation-only ranks run
+``GenerationWorker``); ``experience.py`` turns groups into targets; ``actor.py``/``critic.py``
+update; ``state.py`` holds the counters. The ``Trainer`` holds the order of the step and of the
+run (evaluations, checkpoints, preemption), the same for both placements.
 """
 
 from __future__ import annotations
@@ -23,21 +24,17 @@ from ..config import Config
 from ..data.datasets import PromptExample
 from ..data.loader import PromptLoader
 from ..distributed.topology import Topology
-from ..rollout.base import RolloutEngine
-from ..rollout.generation import Generation, eval_sampling
 from ..rollout.groups import Rollout
-from ..rollout.scoring import Scoring
-from ..rollout.sync import WeightSync
+from ..rollout.local import LocalRollouts
+from ..rollout.remote import RemoteRollouts
 from .actor import Actor, PolicyTargets
 from .checkpoint import CheckpointManager
 from .checkpoint_state import ModelOptimizerState, RNGState
-from .evaluate import evaluate
 from .experience import CriticTargets, Experience, filter_and_replay
 from .faults import NonFiniteGuard, oom_hint
 from .flops import flops_model, mfu, peak_flops
 from .kl_control import KLControl
 from .metrics import MetricsLogger, rollout_metrics
-from .offload import ActorOffload
 from .preemption import PreemptionHandler
 from .replay import GroupReplayBuffer
 from .state import Counters, PerRank, TrainState
@@ -45,14 +42,12 @@ from .state import Counters, PerRank, TrainState
 
 @dataclass
 class TrainerParts:
-    """What the step runs on, built by ``train.py``: the learners, the engine with its weight
-    sync and generation phase, the data and the logger."""
+    """What a training rank's step runs on, built by ``train.py``: the learners, the rollouts
+    (colocated or split), the loader they advance, the logger."""
 
     tokenizer: Any
     actor: Actor
-    engine: RolloutEngine
-    sync: WeightSync
-    generation: Generation
+    rollouts: LocalRollouts | RemoteRollouts
     loader: PromptLoader
     logger: MetricsLogger
     val_examples: list[PromptExample]
@@ -80,8 +75,7 @@ class Trainer:
         self.topo = topo
         self.parts = parts
         self.actor, self.critic, self.reference = parts.actor, parts.critic, parts.reference
-        self.engine, self.sync, self.generation = parts.engine, parts.sync, parts.generation
-        self.loader, self.logger = parts.loader, parts.logger
+        self.rollouts, self.loader, self.logger = parts.rollouts, parts.loader, parts.logger
         self.pad_id = parts.tokenizer.pad_token_id
         self.kl_control = KLControl(cfg.algorithm)
         self.experience = Experience(cfg, self.actor, self.reference, self.critic, self.kl_control, self.pad_id)
@@ -105,7 +99,8 @@ class Trainer:
         """Everything a bit-identical resume needs, as checkpoint components (DESIGN §8)."""
         actor = self.actor
         state = {"actor": ModelOptimizerState(actor.model, actor.optimizer, actor.scheduler),
-                 "trainer": Counters(self.state, self.loader, self.kl_control, self.non_finite, actor, self.critic),
+                 "trainer": Counters(self.state, self.loader, self.kl_control, self.non_finite, actor, self.critic,
+                                     self.rollouts),
                  "rng": RNGState()}
         if self.reference is not None:  # the frozen policy of step 0: rebuilding it would copy the resumed actor
             state["reference"] = ModelOptimizerState(self.reference)
@@ -113,9 +108,12 @@ class Trainer:
             state["critic"] = ModelOptimizerState(self.critic.model, self.critic.optimizer, self.critic.scheduler)
         if self.replay is not None:
             state["replay"] = PerRank(self.replay)
+        if self.topo.placement == "split":  # batches generated ahead of their step
+            state["in_flight"] = PerRank(self.rollouts)
         return state
 
     def save(self, checkpoints: CheckpointManager) -> str:
+        self.rollouts.drain()
         path = checkpoints.save(self.step, self.checkpoint_state(), hf_config=self.actor.model.config,
                                 tokenizer=self.parts.tokenizer)
         self.state.saved_step = self.step
@@ -127,7 +125,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         timer = Timer()
         step_start = time.perf_counter()
-        rollout, received = self.rollout(timer)
+        rollout, rollout_side = self.rollouts.next(self.step, timer)
         rollout, filtered, filter_metrics = filter_and_replay(rollout, self.cfg, self.replay)
         targets, critic_targets, target_metrics = timer("reference", self.experience.targets, rollout, filtered)
         train_actor = self.train_actor(target_metrics)
@@ -138,24 +136,8 @@ class Trainer:
         timer.timings["timing/step"] = time.perf_counter() - step_start
         guard = {"kl_guard/skipped_steps": float(self.kl_control.guard_skips),
                  "kl_guard/lr_scale": self.kl_control.lr_scale} if self.kl_control.max_kl > 0 else {}
-        return {**self.rollout_metrics(rollout, received, timer.timings), **rollout.metrics, **filter_metrics,
+        return {**self.rollout_metrics(rollout, timer.timings), **rollout_side, **rollout.metrics, **filter_metrics,
                 **target_metrics, **update_metrics, **guard, **timer.timings}
-
-    def rollout(self, timer: Timer) -> tuple[Rollout, float]:
-        """This step's scored groups: the engine gets the actor's weights, generates for this
-        rank's prompts (the actor offloaded meanwhile, if configured) and sleeps again."""
-        prompts = self.loader.next()
-        self.engine.wake()
-        received = timer("reshard", self.push_weights)
-        with self.actor_offloaded():  # the KV cache wakes inside generate, into the room left
-            rollout = timer("generate", self.generation.collect, prompts, self.step)  # scoring included
-            self.engine.sleep()
-        return rollout, received
-
-    def push_weights(self) -> float:
-        received = self.sync.push()
-        self.state.weight_version += 1
-        return received
 
     def train_actor(self, target_metrics: dict[str, float]) -> bool:
         """False while the critic warms up, or when the KL guard skips this update."""
@@ -219,57 +201,59 @@ class Trainer:
                                            self.peak_flops)
         return out
 
-    def rollout_metrics(self, rollout: Rollout, received: float, timings: dict[str, float]) -> dict[str, float]:
+    def rollout_metrics(self, rollout: Rollout, timings: dict[str, float]) -> dict[str, float]:
         batch = rollout.batch(self.pad_id)
-        generated = float(sum(len(t) for t in rollout.samples.token_ids))
-        metrics = rollout_metrics(rollout.samples.token_ids, rollout.samples.finish_reasons, rollout.rewards_GN(),
-                                  float(batch.attention_mask_BT.sum()), timings)
-        return {**metrics, "rollout/weight_version": float(self.state.weight_version),
-                "perf/reshard_bytes_per_rank": received,
-                "perf/generate_tokens_per_s": generated / max(timings["timing/generate"], 1e-9)}
+        return rollout_metrics(rollout.samples.token_ids, rollout.samples.finish_reasons, rollout.rewards_GN(),
+                               float(batch.attention_mask_BT.sum()), timings)
 
     # --- evaluation and the run -------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy of the current actor: its weights into the engine, one greedy (or
-        ``rollout.val_temperature``) sample per held-out prompt."""
-        self.engine.wake()
-        self.push_weights()
-        with self.actor_offloaded(), oom_hint("eval"):
-            metrics = evaluate(self.engine, self.parts.tokenizer, self.generation.score.scorer,
-                               self.parts.val_examples, eval_sampling(self.cfg), self.topo)
-            self.engine.sleep()
-        return metrics
-
-    def actor_offloaded(self) -> ActorOffload:
-        """Actor and optimizer state in host memory for the block, if configured (CUDA)."""
-        return ActorOffload(self.actor.model, self.actor.optimizer, self.topo.device,
-                            self.cfg.trainer.offload_actor_during_rollout)
+        """Held-out accuracy of the current actor (one greedy, or ``rollout.val_temperature``,
+        sample per held-out prompt)."""
+        with oom_hint("eval"):
+            return self.rollouts.evaluate()
 
     def close(self) -> None:
         """Release the engine (vLLM must stop before the process group is destroyed)."""
-        self.engine.close()
+        self.rollouts.close()
+
+    def evaluation_due(self, preempted: bool) -> bool:
+        """Held-out evaluation after this step: every ``trainer.val_every`` steps before the
+        last, and after the last (``trainer.eval_after``) unless a preemption stops the run."""
+        t, step = self.cfg.trainer, self.step
+        periodic = bool(t.val_every) and step % t.val_every == 0 and step < t.total_steps
+        final = step >= t.total_steps and t.eval_after and not preempted
+        return bool(self.parts.val_examples) and (periodic or final)
 
     def run(self, checkpoints: CheckpointManager | None = None,
             preemption: PreemptionHandler | None = None) -> dict[str, dict[str, float]]:
         """Train up to ``trainer.total_steps`` steps (from ``self.step``, which a resume sets);
         returns held-out metrics before (fresh runs only) and after. ``trainer.val_every`` adds
         held-out evaluations; checkpoints are saved every ``trainer.save_every`` steps, at the end,
-        and when a preemption signal arrives (then the run stops early, without the final eval)."""
-        t, val = self.cfg.trainer, bool(self.parts.val_examples)
+        and when a preemption signal arrives (then the run stops early, without the final eval).
+        After every step the rollouts get the new weights when they need them (split placement)."""
+        t, total = self.cfg.trainer, self.cfg.trainer.total_steps
         results: dict[str, dict[str, float]] = {}
-        if t.eval_before and val and self.step == 0:
+        self.rollouts.start(self.step)
+        before = t.eval_before and bool(self.parts.val_examples) and self.step == 0
+        self.rollouts.after_step(self.step, before or (self.step >= total and self.evaluation_due(False)),
+                                 stop=self.step >= total)
+        if before:
             results["before"] = self.logger.log(self.step, self.evaluate(), advance=False)
-        while self.step < t.total_steps:
+        while self.step < total:
             metrics = self.train_step()
             self.state.step += 1
+            preempted = preemption is not None and preemption.requested()
+            evaluate = self.evaluation_due(preempted)
+            metrics.update(self.rollouts.after_step(self.step, evaluate, stop=preempted or self.step >= total))
             self.logger.log(self.step, metrics)
-            if t.val_every and self.step % t.val_every == 0 and self.step < t.total_steps and val:
+            if evaluate and self.step < total:
                 self.logger.log(self.step, self.evaluate(), advance=False)
-            periodic = t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps
+            periodic = t.save_every and self.step % t.save_every == 0 and self.step < total
             if checkpoints is not None and periodic:
                 self.save(checkpoints)
-            if preemption is not None and preemption.requested():
+            if preempted:
                 self.logger.write(f"step {self.step}: preemption signal received; saving and stopping")
                 if checkpoints is not None and not periodic:
                     self.save(checkpoints)
@@ -277,6 +261,6 @@ class Trainer:
                 return results
         if checkpoints is not None and t.save_every and self.state.saved_step != self.step:
             self.save(checkpoints)
-        if t.eval_after and val:
+        if self.evaluation_due(False):
             results["after"] = self.logger.log(self.step, self.evaluate(), advance=False)
         return results

@@ -27,6 +27,7 @@ from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
 from spmd_rlhf.models.parallelize import parallelize
 from spmd_rlhf.rollout.base import EngineBase, Samples, SamplingConfig
 from spmd_rlhf.rollout.generation import Generation
+from spmd_rlhf.rollout.local import LocalRollouts
 from spmd_rlhf.rollout.scoring import Scoring
 from spmd_rlhf.rollout.sync import WeightSync
 from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
@@ -161,9 +162,9 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
         critic = Critic(critic_model, critic_opt, build_scheduler(critic_opt, 0, PROMPTS // MINI_BATCH), topo.dp_size,
                         1.0, topo.device)
     generation = Generation(cfg, topo, engine, loader, Scoring(cfg, tokenizer, ZeroScorer()))
-    sync = WeightSync(engine, actor_model, topo, 2**20)
-    trainer = Trainer(cfg, topo, TrainerParts(tokenizer, actor, engine, sync, generation, loader, None, [],
-                                              reference=reference, critic=critic))
+    rollouts = LocalRollouts(cfg, topo, engine, WeightSync(engine, actor_model, topo, 2**20), generation, [])
+    trainer = Trainer(cfg, topo, TrainerParts(tokenizer, actor, rollouts, loader, None, [], reference=reference,
+                                              critic=critic))
     if mode == "on_policy_two_pass":
         trainer.experience.on_policy = lambda: False  # the same step through a separate old-logprob pass
 
