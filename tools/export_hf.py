@@ -97,13 +97,13 @@ def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a step folder (checkpoints/step_XXXXXXXX), checkpoints/latest, or a "
                         "checkpoint directory (its newest step)")
     parser.add_argument("out", help="the HF directory to write")
     parser.add_argument("--component", default="actor", help="which model of the checkpoint (default: actor)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: the model's own, "
-                        "from its config; float32 if it names none)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights' dtype (default: the model's own, from its config; float32 if it names none)")
     args = parser.parse_args(argv)
     try:
         export_hf(args.checkpoint, args.out, args.component, DTYPES.get(args.dtype))

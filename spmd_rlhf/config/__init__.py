@@ -26,5 +26,6 @@ __all__ = [
     "ModelConfig", "OverlongConfig", "RewardConfig", "RewardModelConfig", "RolloutConfig", "SFTWarmupConfig",
     "TrainerConfig", "VLLMConfig",
     "check_context_length", "check_known_keys", "check_tp_shapes", "compile_layers", "dedicated_generation_ranks",
-    "generation_replicas", "generation_world", "is_split", "micro_batch_tokens", "register_configs", "schema_keys", "training_world", "validate",
+    "generation_replicas", "generation_world", "is_split", "micro_batch_tokens", "register_configs", "schema_keys",
+    "training_world", "validate",
 ]
