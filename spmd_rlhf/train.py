@@ -283,6 +283,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         forget_locals(err)
         raise
     finally:
+        use_training_group(None)  # the module kept the training ranks' group
         shutdown()  # after train_on's frame is gone: nothing of the run holds a process group any more
 
 

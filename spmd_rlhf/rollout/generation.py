@@ -14,7 +14,7 @@ from ..data.datasets import PromptExample
 from ..data.loader import PromptLoader
 from ..distributed.comm import all_reduce_floats
 from ..distributed.topology import Topology
-from .base import RolloutEngine, SamplingConfig
+from .base import RolloutEngine, SamplingConfig, Samples
 from .groups import Rollout, concat
 from .scoring import Scoring
 
@@ -42,6 +42,14 @@ def step_seed(cfg: Config, step: int, round_: int) -> int:
     return cfg.rollout.seed + 1_000_003 * step + 104_729 * round_
 
 
+def greedy_baseline(rollout: Rollout, prompts: list[PromptExample], greedy: Samples, score: Scoring) -> None:
+    """ReMax: each prompt's greedy response, scored without shaping, as ``rollout.greedy_rewards``."""
+    baseline = Rollout(list(prompts), greedy, 1)
+    score(baseline, shaping=False)
+    rollout.greedy_rewards = baseline.rewards
+    rollout.metrics["reward/greedy_baseline"] = float(baseline.rewards.mean())
+
+
 class Generation:
     """Sample ``rollout.n`` responses per prompt with the engine and score them (ReMax also
     scores a greedy one per prompt); ``collect`` adds dynamic sampling rounds."""
@@ -66,10 +74,7 @@ class Generation:
         if self.cfg.algorithm.adv_estimator == "remax":
             greedy = self.engine.generate([p.prompt_ids for p in prompts], self.sampling(step, round_, greedy=True),
                                           seeds=seeds)
-            baseline = Rollout(list(prompts), greedy, 1)
-            self.score(baseline, shaping=False)
-            rollout.greedy_rewards = baseline.rewards
-            rollout.metrics["reward/greedy_baseline"] = float(baseline.rewards.mean())
+            greedy_baseline(rollout, prompts, greedy, self.score)
         return rollout
 
     def collect(self, prompts: list[PromptExample], step: int) -> Rollout:

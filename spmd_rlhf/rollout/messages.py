@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..data.datasets import PromptExample
 from .base import Samples
 from .groups import Rollout
 
@@ -43,12 +42,12 @@ class GroupsMessage:
 
     ``order`` is the training rank's whole list of global group indices (the same from every
     generation rank), ``groups`` maps those this generation rank drew to (token ids, logprobs,
-    finish reasons) of their ``n`` samples."""
+    finish reasons) of their ``n`` samples, and of the prompt's greedy response (ReMax) or None."""
 
     batch: int
     version: int  # policy version of the weights that generated it
     order: list[int]
-    groups: dict[int, tuple[list[list[int]], list[list[float]], list[str]]]
+    groups: dict[int, tuple]
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -57,22 +56,29 @@ def share(count: int, parts: int, index: int) -> range:
     return range(index * count // parts, (index + 1) * count // parts)
 
 
-def split_groups(samples: Samples, n: int, first: int) -> dict[int, tuple[list, list, list]]:
-    """Samples (prompt-major, ``n`` per prompt) keyed by global group index from ``first``."""
+def split_groups(samples: Samples, n: int, first: int, greedy: Samples | None = None) -> dict[int, tuple]:
+    """Samples (prompt-major, ``n`` per prompt; ``greedy``: one per prompt) keyed by global group
+    index from ``first``."""
     out = {}
     for g in range(len(samples) // n):
         rows = slice(g * n, (g + 1) * n)
-        out[first + g] = (samples.token_ids[rows], samples.logprobs[rows], samples.finish_reasons[rows])
+        best = None if greedy is None else (greedy.token_ids[g], greedy.logprobs[g], greedy.finish_reasons[g])
+        out[first + g] = (samples.token_ids[rows], samples.logprobs[rows], samples.finish_reasons[rows], best)
     return out
 
 
-def assemble(order: list[int], groups: dict[int, tuple[list, list, list]], examples: list[PromptExample],
-             n: int) -> Rollout:
-    """A training rank's rollout: its groups in ``order``, with the prompts of the global batch."""
-    samples = Samples([], [], [])
+def assemble(order: list[int], groups: dict[int, tuple], examples, n: int) -> tuple[Rollout, Samples | None]:
+    """A training rank's rollout: its groups in ``order`` with their prompts (``examples[g]``), and
+    the greedy responses of those prompts when the groups carry them."""
+    samples, greedy = Samples([], [], []), Samples([], [], [])
     for g in order:
-        tokens, logprobs, reasons = groups[g]
+        tokens, logprobs, reasons, best = groups[g]
         samples.token_ids.extend(tokens)
         samples.logprobs.extend(logprobs)
         samples.finish_reasons.extend(reasons)
-    return Rollout([examples[g] for g in order for _ in range(n)], samples, n)
+        if best is not None:
+            greedy.token_ids.append(best[0])
+            greedy.logprobs.append(best[1])
+            greedy.finish_reasons.append(best[2])
+    rollout = Rollout([examples[g] for g in order for _ in range(n)], samples, n)
+    return rollout, (greedy if len(greedy) else None)

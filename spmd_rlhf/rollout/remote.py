@@ -22,6 +22,7 @@ from ..data.loader import PromptLoader
 from ..distributed.comm import recv_object, send_object
 from ..distributed.topology import Topology
 from .evaluate import eval_metrics
+from .generation import greedy_baseline
 from .groups import Rollout
 from .messages import Control, GroupsMessage, Start, assemble
 from .scoring import Scoring
@@ -107,8 +108,10 @@ class RemoteRollouts:
         waited = time.perf_counter() - start
         assert batch["batch"] == step, f"batch {batch['batch']} arrived for step {step}"
         examples = {g: self._example(i) for g, i in zip(batch["order"], batch["examples"])}
-        rollout = assemble(batch["order"], batch["groups"], examples, self.cfg.rollout.n)
+        rollout, greedy = assemble(batch["order"], batch["groups"], examples, self.cfg.rollout.n)
         rollout.metrics = self.score(rollout)
+        if greedy is not None:
+            greedy_baseline(rollout, [examples[g] for g in batch["order"]], greedy, self.score)
         return rollout, {**batch["metrics"], "timing/generate": waited,
                          "rollout/staleness": float(step - batch["version"])}
 

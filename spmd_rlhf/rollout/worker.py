@@ -91,9 +91,12 @@ class GenerationWorker:
         sampling = sampling_config(self.cfg, step_seed(self.cfg, batch, 0))
         start = time.perf_counter()
         samples = self.engine.generate([e.prompt_ids for e in examples], sampling, seeds=[e.index for e in examples])
+        greedy = None
+        if self.cfg.algorithm.adv_estimator == "remax":  # the baseline: each prompt's greedy response
+            greedy = self.engine.generate([e.prompt_ids for e in examples], sampling_config(self.cfg, 0, greedy=True),
+                                          seeds=[e.index for e in examples])
         seconds = time.perf_counter() - start
-        n = sampling.n
-        groups = split_groups(samples, n, mine.start)
+        groups = split_groups(samples, sampling.n, mine.start, greedy)
         tokens = {g: sum(len(examples[g - mine.start].prompt_ids) + len(t) for t in value[0])
                   for g, value in groups.items()}
         deal = self._deal(tokens, len(prompts))

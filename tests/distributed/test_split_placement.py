@@ -4,15 +4,20 @@ colocated run of the same config: at ``trainer.max_staleness=0`` a step's sample
 weights after it (up to the order of the gradient sums: the groups sit on other training ranks).
 At ``max_staleness=1`` the generation rank runs one batch ahead: every batch after the first is one
 policy version old, and a run resumed from a checkpoint with a batch in flight ends bit-identical.
+A training rank that raises ends the job, generation rank included, long before the timeout.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.integration import reward_raises_on_rank1
+from tests.integration.jobs import Job, logged_steps, records
 from tests.launch import REPO_ROOT, torchrun
 
 WORKER = REPO_ROOT / "tests" / "distributed" / "workers" / "split_placement_worker.py"
@@ -30,7 +35,8 @@ pytestmark = pytest.mark.slow
 
 def launch(tmp_path, name: str, nproc: int, overrides: list[str]) -> dict:
     out = tmp_path / name
-    torchrun([str(WORKER), str(out), *COMMON, *overrides], nproc, timeout=600)
+    proc = torchrun([str(WORKER), str(out), *COMMON, *overrides], nproc, timeout=600)
+    assert "outlived shutdown" not in proc.stdout + proc.stderr, "every rank ends its process groups"
     ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(2)]
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     return {"ranks": ranks, "metrics": metrics}
@@ -115,3 +121,21 @@ def test_one_step_ahead_and_resume_with_a_batch_in_flight(tmp_path):
         keys = {k for k in want if not k.startswith(("timing/", "perf/")) and k != "time"}
         assert keys == {k for k in got if not k.startswith(("timing/", "perf/")) and k != "time"}
         assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, f"step {want['step']}"
+
+
+def test_a_training_rank_that_raises_stops_the_generation_rank_too(tmp_path):
+    """Rank 1's reward function raises in step 3 (split: it scores 128 responses a step and no
+    held-out ones); the generation rank is then generating or waiting for weights. The job ends
+    with the message, far sooner than the collective timeout."""
+    run_dir, timeout_s = tmp_path / "run", 600
+    reward = f"{Path(reward_raises_on_rank1.__file__)}:reward"
+    job = Job(["trainer.sft.steps=100", "data.arithmetic.num_val=32", "logging.progress_bar=false", *SPLIT,
+               f"hydra.run.dir={run_dir}", "trainer.total_steps=20", f"reward.custom_function={reward}",
+               f"distributed.timeout_s={timeout_s}"], 3, tmp_path / "job.log")
+    rc = job.wait(300)
+    ended = time.time()
+    out = job.output()
+    assert rc != 0, out[-6000:]
+    assert logged_steps(run_dir) == [1, 2], "rank 1 raises in step 3 (its 300th reward call)"
+    assert ended - records(run_dir)[-1]["time"] < timeout_s / 2, "the job waited for the collective timeout"
+    assert out.count(reward_raises_on_rank1.MESSAGE) == 1, out[-6000:]
