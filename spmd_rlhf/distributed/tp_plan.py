@@ -17,7 +17,7 @@ Local heads. HF attention reshapes projections with ``view(*shape, -1, head_dim)
 up the local head count by itself; ``num_key_value_groups`` is the ratio heads / kv-heads, which
 is unchanged when both counts divide by tp. Nothing else reads the global head counts in the
 eager and SDPA paths, so no module attribute needs rewriting; ``apply_tensor_parallel`` only
-checks the divisibility.
+asserts the divisibility (``config.layout.check_tp_shapes`` tells the user before any process group).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _shard_dim(name: str) -> int | None:
             return dim
     raise ValueError(
         f"this model architecture has no tensor-parallel plan (parameter {name!r} matches no rule); "
-        "use rollout.weight_sync=full or rollout.tp=1"
+        "use rollout.weight_sync=full or distributed.tp=1"
     )
 
 
@@ -67,12 +67,13 @@ def replicated_dims(model: nn.Module) -> dict[str, int | None]:
 
 
 def _check_heads(config, tp: int) -> None:
+    """The invariant ``config.layout.check_tp_shapes`` enforces before any process group."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if heads % tp or kv_heads % tp:
-        raise ValueError(
-            f"rollout.tp={tp} must divide num_attention_heads={heads} and num_key_value_heads={kv_heads}"
-        )
+    assert heads % tp == 0 and kv_heads % tp == 0, (
+        f"distributed.tp={tp} must divide num_attention_heads={heads} and num_key_value_heads={kv_heads} "
+        "(check_tp_shapes)"
+    )
 
 
 def _layer_plan(prefix: str) -> dict[str, object]:

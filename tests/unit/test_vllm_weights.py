@@ -114,5 +114,5 @@ def test_misfits_raise_instead_of_copying():
         copy_tp_slice(params, EMBED, torch.ones(19, 32), layout)
     with pytest.raises(KeyError, match="rollout.weight_sync=full"):
         copy_tp_slice(params, "model.layers.0.mlp.gate_proj.weight", torch.ones(32, 32), layout)
-    with pytest.raises(ValueError, match="rollout.weight_sync=full"):
+    with pytest.raises(AssertionError, match="distributed.tp=3 must divide"):
         FusedLayout.from_config(config, 3, 0)
