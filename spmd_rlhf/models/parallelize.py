@@ -5,7 +5,7 @@ Order (torchtitan's): activation checkpointing (every decoder layer, or every k-
 on the root. On CUDA trainable models keep fp32 master weights and compute in bf16 with fp32
 gradient reduction (``MixedPrecisionPolicy``); a frozen model may be held in bf16 itself (no
 master copy, no cast per forward). On CPU everything stays fp32. Tensor parallelism for
-generation lives in ``tp_plan.py``.
+generation lives in ``distributed/tp_plan.py``.
 """
 
 from __future__ import annotations

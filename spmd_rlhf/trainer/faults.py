@@ -1,8 +1,8 @@
 """Failing well: out-of-memory messages that name the phase and the knob, and an abort after
 too many non-finite steps in a row.
 
-A non-finite loss or gradient makes the optimizer step a no-op (``Actor._finish_step`` counts it);
-one such step is noise, ``trainer.max_consecutive_skips`` in a row means the run has diverged and
+A non-finite loss or gradient makes the optimizer step a no-op (``Learner._finish_step``, actor
+and critic, counts it); one such step is noise, ``trainer.max_consecutive_skips`` in a row means the run has diverged and
 continuing would only burn GPU hours, so the run stops with a message.
 """
 
