@@ -2,8 +2,8 @@
 too many non-finite steps in a row.
 
 A non-finite loss or gradient makes the optimizer step a no-op (``Learner._finish_step``, actor
-and critic, counts it); one such step is noise, ``trainer.max_consecutive_skips`` in a row means the run has diverged and
-continuing would only burn GPU hours, so the run stops with a message.
+and critic, counts it); one such step is noise, ``trainer.max_consecutive_skips`` in a row means
+the run has diverged and continuing would only burn GPU hours, so the run stops with a message.
 """
 
 from __future__ import annotations
