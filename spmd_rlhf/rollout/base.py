@@ -49,11 +49,16 @@ class Samples:
     is the log-probability of ``token_ids[j][t]`` under ``softmax(logits / T)`` before top-k/top-p
     (T = 1 when greedy), the quantity the actor recomputes. ``finish_reasons`` is ``"stop"``
     (EOS emitted) or ``"length"`` (max_new_tokens reached).
+
+    ``loss_masks`` (multi-turn rollouts, ``rollout/multi_turn.py``): per token of ``token_ids``, 1
+    where the policy generated it and 0 where it was inserted (tool output, chat-template tokens
+    around it; their logprobs are 0). None: every token was generated.
     """
 
     token_ids: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[str]
+    loss_masks: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
