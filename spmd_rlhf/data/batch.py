@@ -40,9 +40,15 @@ class TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:
-    """Right-padded ``prompt + response`` rows with masks for the response tokens."""
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+            response_masks: list[list[int]] | None = None) -> TokenBatch:
+    """Right-padded ``prompt + response`` rows with masks for the response tokens.
+
+    ``response_masks`` (multi-turn rollouts): per response token, 1 to train on it, 0 for tokens
+    the policy did not generate (tool output); None trains on every response token."""
     assert len(prompts) == len(responses) and prompts, "one response per prompt row, at least one row"
+    assert response_masks is None or [len(m) for m in response_masks] == [len(r) for r in responses], \
+        "one mask value per response token"
     length = max(2, max(len(p) + len(r) for p, r in zip(prompts, responses)))
     rows = len(prompts)
     input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
@@ -53,7 +59,10 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
         total = len(prompt) + len(response)
         input_ids[i, :total] = torch.tensor(prompt + response, dtype=torch.long)
         attention[i, :total] = 1
-        loss_mask[i, len(prompt) - 1 : total - 1] = 1.0
+        if response_masks is None:
+            loss_mask[i, len(prompt) - 1 : total - 1] = 1.0
+        elif response:
+            loss_mask[i, len(prompt) - 1 : total - 1] = torch.tensor(response_masks[i], dtype=torch.float32)
     positions = torch.arange(length).expand(rows, length).clone()
     return TokenBatch(input_ids, attention, positions, loss_mask)
 
