@@ -46,7 +46,8 @@ class Rollout:
     def batch(self, pad_id: int) -> TokenBatch:
         """The padded training tensors (built on first use, then cached)."""
         if self._batch is None:
-            self._batch = collate([e.prompt_ids for e in self.examples], self.samples.token_ids, pad_id)
+            self._batch = collate([e.prompt_ids for e in self.examples], self.samples.token_ids, pad_id,
+                                  self.samples.loss_masks)
         return self._batch
 
     def rewards_GN(self) -> torch.Tensor:
