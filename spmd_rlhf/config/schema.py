@@ -19,6 +19,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "se
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 WEIGHT_SYNC = ("dtensor", "full")
 PLACEMENTS = ("colocate", "split")
+CODE_SCORES = ("fraction", "all_pass")  # reward.code_score (rewards.sandboxed's)
 
 
 class ConfigError(ValueError):
@@ -75,12 +76,30 @@ class RewardModelConfig:
 
 
 @dataclass
+class RewardSandboxConfig:
+    """The sandbox pools that run code tests and math-verify (``reward.sandbox.*``); the limits hold for
+    each sandboxed program (``spmd_rlhf.sandbox.SandboxLimits``)."""
+
+    workers: int | None = None  # processes per pool; null = min(4, CPUs)
+    timeout_s: float = 10.0  # wall clock of one program; its process group is killed after it
+    cpu_s: float | None = None  # CPU seconds of one program; null = timeout_s
+    memory_mb: int = 1024  # address space of each process
+    max_output_bytes: int = 1048576  # per stream; more kills the program
+    max_processes: int = 32  # tasks of the sandbox user (only enforced when run as root)
+    max_file_mb: int = 64  # largest file a program may write
+    custom_function: bool = False  # run reward.custom_function in the sandbox workers too (a batch in parallel)
+
+
+@dataclass
 class RewardConfig:
     custom_function: str | None = None  # "package.module:function" or "file.py:function"
     timeout_s: float = 10.0
     default_source: str | None = None
     rule_weight: float = 1.0  # weight of the rule/function score in the training reward
     model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    sandbox: RewardSandboxConfig = field(default_factory=RewardSandboxConfig)
+    code_score: str = "fraction"  # fraction (of the tests passed) | all_pass (1 only when every test passes)
+    math_timeout_s: float = 5.0  # one math-verify check
 
 
 @dataclass

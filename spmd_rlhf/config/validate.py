@@ -15,6 +15,7 @@ from .checks import choice, in_range, positive
 from .schema import (ADV_ESTIMATORS, ALGORITHMS, ENGINES, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES,
                      VLLM_DTYPES, WEIGHT_SYNC, Config, ConfigError)
 from .validate_layout import validate_layout
+from .validate_reward import validate_reward
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -22,6 +23,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_sizes(cfg)
     _validate_choices(cfg)
     validate_layout(cfg, world_size)
+    validate_reward(cfg)
     _validate_paths(cfg)
 
 
