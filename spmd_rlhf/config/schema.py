@@ -48,7 +48,9 @@ class ArithmeticTaskConfig:
     num_val: int = 256
     carry_drop_prob: float = 0.5
     seed: int = 0
-    style: str = "padded"  # padded ("07+48=", the embedded model) | chat (a question, for chat models)
+    # padded ("07+48=", the embedded model) | chat (a question, for chat models) | tools (padded, and the
+    # embedded tokenizer and warm start know the calculator's tool calls: recipe=tiny_arithmetic_tools)
+    style: str = "padded"
 
 
 @dataclass
@@ -122,6 +124,20 @@ class VLLMConfig:
 
 
 @dataclass
+class MultiTurnConfig:
+    """Multi-turn tool use in rollouts (``rollout.multi_turn.*``): the policy calls tools in the
+    Qwen/Hermes format ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the results come
+    back as tool messages through the chat template, and generation goes on (``rollout/multi_turn.py``)."""
+
+    enable: bool = False
+    max_turns: int = 5  # assistant turns (engine calls) per sample at most, the final answer included
+    tool_timeout_s: float = 30.0  # wall clock of one tool call (the Python tool's sandboxed program)
+    # built-in tool names (calculator, python) or dotted paths "pkg.module:obj" of custom tools; a row's
+    # extra_info.tools_kwargs (verl), when present, limits it to the tools it names
+    tools: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "torch"  # torch | vllm
     n: int = 8  # samples per prompt
@@ -136,6 +152,7 @@ class RolloutConfig:
     max_batch_size: int = 256  # torch engine: rows per generation chunk
     seed: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
 
 
 @dataclass

@@ -77,6 +77,20 @@ def _validate_sizes(cfg: Config) -> None:
         positive(cfg.trainer.sft.batch_size, "trainer.sft.batch_size")
         positive(cfg.trainer.sft.lr, "trainer.sft.lr")
     _validate_algorithm_sizes(cfg)
+    _validate_multi_turn(cfg)
+
+
+def _validate_multi_turn(cfg: Config) -> None:
+    """``rollout.multi_turn.*``; whether each tool loads is ``rollout.tools.build_tools``'s."""
+    m = cfg.rollout.multi_turn
+    positive(m.max_turns, "rollout.multi_turn.max_turns")
+    positive(m.tool_timeout_s, "rollout.multi_turn.tool_timeout_s")
+    if m.enable and not m.tools:
+        raise ConfigError("rollout.multi_turn.enable=true but rollout.multi_turn.tools is empty; set e.g. "
+                          "rollout.multi_turn.tools=[calculator,python] (or dotted paths pkg.module:tool)")
+    if m.enable and cfg.rollout.ignore_eos:
+        raise ConfigError("rollout.multi_turn.enable=true with rollout.ignore_eos=true never ends a turn; set "
+                          "rollout.ignore_eos=false")
 
 
 def _validate_algorithm_sizes(cfg: Config) -> None:
@@ -136,7 +150,7 @@ def _validate_choices(cfg: Config) -> None:
     choice(cfg.algorithm.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
     choice(cfg.algorithm.kl_estimator, "algorithm.kl_estimator", KL_ESTIMATORS)
     choice(cfg.rollout.engine, "rollout.engine", ENGINES)
-    choice(cfg.data.arithmetic.style, "data.arithmetic.style", ("padded", "chat"))
+    choice(cfg.data.arithmetic.style, "data.arithmetic.style", ("padded", "chat", "tools"))
     choice(cfg.rollout.weight_sync, "rollout.weight_sync", WEIGHT_SYNC)
     if cfg.rollout.engine == "vllm":
         _validate_vllm_knobs(cfg)

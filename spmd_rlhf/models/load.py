@@ -18,8 +18,8 @@ from ..tasks import arithmetic
 
 def load_tokenizer(cfg: Config):
     """The tokenizer of ``model.tokenizer_path`` (default ``model.path``), or the embedded one."""
-    if cfg.model.path is None:
-        return arithmetic.build_tokenizer()
+    if cfg.model.path is None:  # the tools style adds the tool-call tokens and a chat template for tool messages
+        return arithmetic.build_tokenizer(tools=cfg.data.arithmetic.style == "tools")
     path = cfg.model.tokenizer_path or cfg.model.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)

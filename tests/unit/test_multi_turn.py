@@ -1,0 +1,226 @@
+"""Multi-turn rollouts against a scripted engine: exact loss masks, logprob alignment, budgets,
+turn limits, malformed calls and the tool metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from spmd_rlhf.config import Config, ConfigError
+from spmd_rlhf.config.schema import MultiTurnConfig
+from spmd_rlhf.data.batch import collate
+from spmd_rlhf.data.datasets import PromptExample
+from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples
+from spmd_rlhf.rollout.multi_turn import MultiTurn, render_tool_message, rollout_samples
+from spmd_rlhf.tasks.arithmetic import CALL_PREFIX, CALL_SUFFIX, build_tokenizer
+
+TOK = build_tokenizer(tools=True)
+EOS = "<eos>"
+
+
+def ids(text: str) -> list[int]:
+    return TOK(text, add_special_tokens=False).input_ids
+
+
+def call(expression: str) -> str:
+    return f"<tool_call>{CALL_PREFIX}{expression}{CALL_SUFFIX}</tool_call>"
+
+
+@dataclass
+class ScriptedEngine(EngineBase):
+    """Answers each request with the next scripted text for its prompt text; logprob of the token at
+    position t of a reply is -(t + 1) / 100 - turn (so turns and positions can be told apart)."""
+
+    script: dict[str, list[str]]
+    calls: list[tuple[list[str], SamplingConfig, list[int] | None]] = field(default_factory=list)
+
+    def generate(self, prompt_token_ids, sampling, seeds=None) -> Samples:
+        texts = [TOK.decode(p) for p in prompt_token_ids]
+        self.calls.append((texts, sampling, seeds))
+        turn = len(self.calls) - 1
+        out = Samples([], [], [])
+        for text in texts:
+            for _ in range(sampling.n):
+                reply = ids(self.script[text].pop(0))[:sampling.max_new_tokens]
+                out.token_ids.append(reply)
+                out.logprobs.append([-(t + 1) / 100 - turn for t in range(len(reply))])
+                stopped = bool(reply) and reply[-1] == TOK.eos_token_id
+                out.finish_reasons.append("stop" if stopped else "length")
+        return out
+
+
+def make(max_turns: int = 3, tools=("calculator",)) -> MultiTurn:
+    return MultiTurn(MultiTurnConfig(enable=True, max_turns=max_turns, tool_timeout_s=5, tools=list(tools)), TOK)
+
+
+def example(prompt: str, index: int = 0, extra_info: dict | None = None) -> PromptExample:
+    return PromptExample(ids(prompt), "arithmetic", "0", extra_info or {}, index)
+
+
+def test_call_then_answer_masks_and_logprobs_exact() -> None:
+    prompt = "437+548="
+    first = call("437+548")
+    engine = ScriptedEngine({prompt: [first + "<tool_response>1</tool_response>9" + EOS],  # runs on past the call
+                             prompt + first + "<tool_response>985</tool_response>": ["985" + EOS]})
+    samples, metrics = make().generate(engine, [example(prompt, index=3)], SamplingConfig(max_new_tokens=40, n=1))
+    generated, inserted, answer = ids(first), render_tool_message(TOK, "985"), ids("985" + EOS)
+    assert inserted == ids("<tool_response>985</tool_response>")
+    assert samples.token_ids == [generated + inserted + answer]
+    assert samples.loss_masks == [[1] * len(generated) + [0] * len(inserted) + [1] * len(answer)]
+    expected_lp = ([-(t + 1) / 100 for t in range(len(generated))] + [0.0] * len(inserted)
+                   + [-(t + 1) / 100 - 1 for t in range(len(answer))])
+    assert samples.logprobs[0] == pytest.approx(expected_lp)
+    assert samples.finish_reasons == ["stop"]
+    assert metrics == {"rollout/turns": 2.0, "rollout/tool_calls": 1.0, "rollout/tool_errors": 0.0,
+                       "rollout/tool_timeouts": 0.0}
+    # turn 2: one request per sample (n=1), the rest of the budget, the sample's own seed key
+    texts, sampling, seeds = engine.calls[1]
+    assert sampling.n == 1 and sampling.max_new_tokens == 40 - len(generated) - len(inserted)
+    assert seeds == [3] and engine.calls[0][2] == [3] and sampling.seed != engine.calls[0][1].seed
+
+
+def test_collate_trains_only_on_generated_tokens() -> None:
+    prompt = ids("12+34=")
+    response = [5, 6, 7, 8, 9]
+    batch = collate([prompt], [response], 0, [[1, 0, 0, 1, 1]])
+    # column t predicts token t + 1: response token j sits at column len(prompt) + j - 1
+    start = len(prompt) - 1
+    assert batch.loss_mask_BT[0].tolist() == [0.0] * start + [1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_samples_of_a_group_finish_independently() -> None:
+    prompt = "100+200="
+    first = call("100+200")
+    follow = prompt + first + "<tool_response>300</tool_response>"
+    engine = ScriptedEngine({prompt: ["300" + EOS, first + EOS, "299" + EOS], follow: ["300" + EOS]})
+    samples, metrics = make().generate(engine, [example(prompt, index=5)], SamplingConfig(max_new_tokens=40, n=3))
+    assert [TOK.decode(t) for t in samples.token_ids] == [
+        "300" + EOS, first + "<tool_response>300</tool_response>300" + EOS, "299" + EOS]
+    assert samples.loss_masks[0] == [1] * 4 and samples.loss_masks[2] == [1] * 4
+    assert len(engine.calls) == 2 and engine.calls[1][0] == [follow]
+    assert engine.calls[1][2] == [5 * 3 + 1], "sample 1 of prompt 5 draws from its own stream"
+    assert metrics["rollout/turns"] == pytest.approx(4 / 3) and metrics["rollout/tool_calls"] == pytest.approx(1 / 3)
+
+
+def test_budget_counts_tool_tokens_and_never_ends_on_them() -> None:
+    prompt = "437+548="
+    first = call("437+548")
+    used = len(ids(first))
+    room_for_message = len(render_tool_message(TOK, "985"))
+    # the tool message would fill the budget exactly: not appended, the sample ends after the call
+    engine = ScriptedEngine({prompt: [first]})
+    sampling = SamplingConfig(max_new_tokens=used + room_for_message, n=1)
+    samples, metrics = make().generate(engine, [example(prompt)], sampling)
+    assert samples.token_ids == [ids(first)] and samples.loss_masks == [[1] * used]
+    assert samples.finish_reasons == ["length"] and metrics["rollout/tool_calls"] == 1.0
+    # room for two answer tokens: the answer is cut at the budget
+    budget = used + room_for_message + 2
+    engine = ScriptedEngine({prompt: [first], prompt + first + "<tool_response>985</tool_response>": ["985" + EOS]})
+    samples, _ = make().generate(engine, [example(prompt)], SamplingConfig(max_new_tokens=budget, n=1))
+    assert len(samples.token_ids[0]) == budget and TOK.decode(samples.token_ids[0]).endswith("</tool_response>98")
+    assert samples.finish_reasons == ["length"] and samples.loss_masks[0][-2:] == [1, 1]
+
+
+def test_call_cut_by_the_budget_is_not_run() -> None:
+    prompt = "437+548="
+    engine = ScriptedEngine({prompt: [call("437+548")]})
+    samples, metrics = make().generate(engine, [example(prompt)], SamplingConfig(max_new_tokens=5, n=1))
+    assert samples.token_ids == [ids(call("437+548"))[:5]] and samples.finish_reasons == ["length"]
+    assert metrics["rollout/tool_calls"] == 0.0 and len(engine.calls) == 1
+
+
+def test_max_turns_ends_after_a_call_without_running_it() -> None:
+    prompt = "437+548="
+    first = call("437+548")
+    engine = ScriptedEngine({prompt: [first + EOS]})
+    samples, metrics = make(max_turns=1).generate(engine, [example(prompt)], SamplingConfig(max_new_tokens=40, n=1))
+    assert samples.token_ids == [ids(first)] and samples.finish_reasons == ["length"]
+    assert metrics["rollout/turns"] == 1.0 and metrics["rollout/tool_calls"] == 0.0
+
+
+def ascii_tokenizer():
+    """Characters of printable ASCII, the tool-call markup as whole tokens, and the embedded chat template."""
+    import string
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from spmd_rlhf.tasks.arithmetic import TOOL_CHAT_TEMPLATE
+
+    vocab = {t: i for i, t in enumerate(["<pad>", EOS, "<unk>"] + sorted(set(string.printable)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token=EOS, unk_token="<unk>")
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in
+                    ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]])
+    tok.chat_template = TOOL_CHAT_TEMPLATE
+    return tok
+
+
+class Replies(EngineBase):
+    """Replies in order, one call per turn; records the prompts it was given (as text)."""
+
+    def __init__(self, tok, replies: list[str]):
+        self.tok, self.replies, self.prompts = tok, list(replies), []
+
+    def generate(self, prompt_token_ids, sampling, seeds=None) -> Samples:
+        self.prompts.append([self.tok.decode(p) for p in prompt_token_ids])
+        reply = self.tok(self.replies.pop(0), add_special_tokens=False).input_ids
+        out = [list(reply) for _ in prompt_token_ids]
+        return Samples(out, [[-0.25] * len(o) for o in out], ["stop" if o[-1] == self.tok.eos_token_id else "length"
+                                                              for o in out])
+
+
+@pytest.mark.parametrize("body, message", [
+    ("{not json", "Error: the tool call is not valid JSON"),
+    ('{"name": "abacus", "arguments": {}}', "Error: unknown tool 'abacus'; the tools are: calculator"),
+    ('{"name": "calculator", "arguments": {"expression": "__import__(\'os\')"}}', "Error: only numbers"),
+    ('{"name": "calculator", "arguments": {"expression": "9**9**9"}}', "Error: exponent"),
+    ('{"name": "calculator", "arguments": {"expression": "1/0"}}', "Error: division by zero"),
+    ('{"name": "calculator", "arguments": {"formula": "1+1"}}', 'Error: the calculator takes {"expression"'),
+    ('{"name": "calculator", "arguments": [1, 2]}', "Error: the tool call's arguments are not a JSON object"),
+    ('["calculator"]', 'Error: the tool call needs a JSON object {"name"'),
+])
+def test_malformed_calls_get_an_error_message_and_the_rollout_goes_on(body: str, message: str) -> None:
+    tok = ascii_tokenizer()
+    rollout = MultiTurn(MultiTurnConfig(enable=True, max_turns=3, tools=["calculator"]), tok)
+    prompt = f"Q?<tool_call>{body}</tool_call>"
+    engine = Replies(tok, [f"<tool_call>{body}</tool_call>junk", "42" + EOS])
+    row = PromptExample(tok("Q?", add_special_tokens=False).input_ids, "arithmetic", "42", {}, 0)
+    samples, metrics = rollout.generate(engine, [row], SamplingConfig(max_new_tokens=400, n=1))
+    shown = engine.prompts[1][0]
+    assert shown.startswith(prompt + "<tool_response>" + message), shown
+    assert shown.endswith("</tool_response>")
+    assert tok.decode(samples.token_ids[0]) == shown[len("Q?"):] + "42" + EOS
+    assert metrics["rollout/tool_errors"] == 1.0 and metrics["rollout/tool_calls"] == 1.0
+    assert samples.finish_reasons == ["stop"]
+
+
+def test_tools_kwargs_limit_a_row_to_the_tools_it_names() -> None:
+    tok = ascii_tokenizer()
+    rollout = MultiTurn(MultiTurnConfig(enable=True, max_turns=2, tools=["calculator", "python"]), tok)
+    body = '{"name": "calculator", "arguments": {"expression": "1+1"}}'
+    rows = [PromptExample(tok("Q?", add_special_tokens=False).input_ids, "arithmetic", "2", extra, i)
+            for i, extra in enumerate([{"tools_kwargs": {"python": {"create_kwargs": {}}}}, {}])]
+    engine = Replies(tok, [f"<tool_call>{body}</tool_call>", "2" + EOS])
+    _, metrics = rollout.generate(engine, rows, SamplingConfig(max_new_tokens=400, n=1))
+    limited, free = engine.prompts[1]
+    assert limited.endswith("<tool_response>Error: unknown tool 'calculator'; the tools are: python</tool_response>")
+    assert free.endswith("<tool_response>2</tool_response>")
+    assert metrics["rollout/tool_errors"] == 0.5 and metrics["rollout/tool_calls"] == 1.0
+    rollout.close()
+
+
+def test_single_turn_when_disabled_and_config_errors() -> None:
+    cfg = Config()
+    engine = ScriptedEngine({"1+2=": ["3" + EOS]})
+    samples, metrics = rollout_samples(cfg, engine, TOK, [example("1+2=")], SamplingConfig(max_new_tokens=4, n=1))
+    assert samples.loss_masks is None and metrics == {} and TOK.decode(samples.token_ids[0]) == "3" + EOS
+    with pytest.raises(ConfigError, match="chat template"):
+        MultiTurn(MultiTurnConfig(enable=True, tools=["calculator"]), build_tokenizer())
+    with pytest.raises(ConfigError, match=r"rollout.multi_turn.tools\[0\]"):
+        make(tools=["abacus"])
+    with pytest.raises(ConfigError, match="no_such_module"):
+        make(tools=["no_such_module:tool"])
