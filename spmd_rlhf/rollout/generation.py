@@ -16,6 +16,7 @@ from ..distributed.comm import all_reduce_floats
 from ..distributed.topology import Topology
 from .base import RolloutEngine, SamplingConfig, Samples
 from .groups import Rollout, concat
+from .multi_turn import rollout_samples
 from .scoring import Scoring
 
 
@@ -68,9 +69,9 @@ class Generation:
         """One round: samples of ``prompts``, scored."""
         sampling = self.sampling(step, round_)
         seeds = [p.index for p in prompts]
-        samples = self.engine.generate([p.prompt_ids for p in prompts], sampling, seeds=seeds)
+        samples, turn_metrics = rollout_samples(self.cfg, self.engine, self.score.tokenizer, prompts, sampling)
         rollout = Rollout([p for p in prompts for _ in range(sampling.n)], samples, sampling.n)
-        rollout.metrics = self.score(rollout)
+        rollout.metrics = {**self.score(rollout), **turn_metrics}
         if self.cfg.algorithm.adv_estimator == "remax":
             greedy = self.engine.generate([p.prompt_ids for p in prompts], self.sampling(step, round_, greedy=True),
                                           seeds=seeds)
