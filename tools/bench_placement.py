@@ -23,8 +23,9 @@ import tempfile
 
 import torch
 
-COMMON = ["trainer.batch_size=48", "trainer.mini_batch_size=24", "trainer.sft.steps=50", "trainer.sft.batch_size=48",
-          "trainer.eval_before=false", "trainer.eval_after=false", "logging.progress_bar=false", "logging.console=false"]
+COMMON = ["trainer.batch_size=48", "trainer.mini_batch_size=24", "trainer.sft.steps=50",
+          "trainer.sft.batch_size=48", "trainer.eval_before=false", "trainer.eval_after=false",
+          "logging.progress_bar=false", "logging.console=false"]
 SPLIT = ["distributed.placement=split", "distributed.generation_ranks=1"]
 RUNS = [("colocate", 2, []), ("colocate", 3, []), ("split 1 gen + 2 train, k=0", 3, SPLIT),
         ("split 1 gen + 2 train, k=1", 3, [*SPLIT, "trainer.max_staleness=1", "algorithm.tis_cap=2.0"])]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 from ..config import Config
 from ..data.datasets import PromptExample
@@ -22,14 +22,15 @@ from .generation import Generation, eval_sampling
 from .groups import Rollout
 from .sync import WeightSync
 
-Timer = Callable  # (phase name, fn, *args) -> fn(*args), timed as ``timing/<phase>``
+PhaseTimer = Callable  # (phase name, fn, *args) -> fn(*args), timed as ``timing/<phase>``
 
 
 class LocalRollouts:
     """Weights into this rank's engine, then generate and score this rank's prompts."""
 
     def __init__(self, cfg: Config, topo: Topology, engine: RolloutEngine, sync: WeightSync, generation: Generation,
-                 val_examples: list[PromptExample], offload: Callable[[], ContextManager] = contextlib.nullcontext):
+                 val_examples: list[PromptExample],
+                 offload: Callable[[], AbstractContextManager] = contextlib.nullcontext):
         self.cfg = cfg
         self.topo = topo
         self.engine = engine
@@ -53,7 +54,7 @@ class LocalRollouts:
     def start(self, step: int) -> None:
         """Nothing to agree on before the first step: weights are pushed before every generation."""
 
-    def next(self, step: int, timer: Timer) -> tuple[Rollout, dict[str, float]]:
+    def next(self, step: int, timer: PhaseTimer) -> tuple[Rollout, dict[str, float]]:
         """This step's scored groups: the engine gets the actor's weights, generates for this
         rank's prompts (the actor offloaded meanwhile, if configured) and sleeps again."""
         prompts = self.loader.next()

@@ -24,6 +24,7 @@ from ..distributed.topology import Topology
 from .evaluate import eval_metrics
 from .generation import greedy_baseline
 from .groups import Rollout
+from .local import PhaseTimer
 from .messages import Control, GroupsMessage, Start, assemble
 from .scoring import Scoring
 from .sync import CrossWeightSync
@@ -100,7 +101,7 @@ class RemoteRollouts:
             self._by_index = {e.index: e for e in self.loader.examples}
         return self._by_index[index]
 
-    def next(self, step: int, timer) -> tuple[Rollout, dict[str, float]]:
+    def next(self, step: int, timer: PhaseTimer) -> tuple[Rollout, dict[str, float]]:
         """This step's groups, scored; ``timing/generate`` is the wait for them (0 when they were
         already here), ``rollout/staleness`` the policy versions between their weights and now."""
         start = time.perf_counter()

@@ -3,7 +3,8 @@ what the comparison needs. ``argv``: OUT_PREFIX, then config overrides (as on th
 
 Every training rank saves ``OUT_PREFIX.rank<r>.pt``: each step's groups as it trained on them
 (prompt index, token ids, engine logprobs per sample), the actor's full weights when the RL run
-starts (after the warm start or the resume) and after it, and the run's results; rank 0's metrics are in ``OUT_PREFIX/run/metrics.jsonl``.
+starts (after the warm start or the resume) and after it, and the run's results; rank 0's
+metrics are in ``OUT_PREFIX/run/metrics.jsonl``.
 """
 
 from __future__ import annotations
