@@ -33,7 +33,7 @@ from ..config.schema import MultiTurnConfig
 from ..data.datasets import PromptExample
 from .base import RolloutEngine, SamplingConfig, Samples, sample_seeds
 from .toolbox import SandboxTools, build_toolbox
-from .tools import CALL_CLOSE, ERROR, TIMEOUT, ToolBox, ToolSettings, parse_tool_call
+from .tools import CALL_CLOSE, CALL_OPEN, ERROR, TIMEOUT, ToolBox, ToolCall, ToolSettings, parse_tool_call
 
 _ASSISTANT_END = "SPMDRLHFASSISTANTTURNEND"  # stands for the assistant's text when rendering a tool message
 _TURN_SEED_SALT = 0x7001
@@ -147,7 +147,8 @@ class MultiTurn:
                 row.finish = "length"
                 continue
             pending.append(row)
-            calls.append((parse_tool_call(self.tokenizer.decode(kept)), row.allowed))
+            call = parse_tool_call(self.tokenizer.decode(kept)) or ToolCall(error=f"{CALL_CLOSE} without {CALL_OPEN}")
+            calls.append((call, row.allowed))
         for row, result in zip(pending, self.toolbox.run(calls)):
             row.calls += 1
             row.errors += result.status == ERROR

@@ -124,6 +124,11 @@ class SandboxTools:
                 self._pool = SandboxPool(self.workers, limits)
         return self._pool.run_many(jobs)
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the sandbox's workers (none before the first sandboxed call)."""
+        with self._lock:
+            return [] if self._pool is None else self._pool.worker_pids()
+
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:

@@ -182,6 +182,7 @@ class Replies(EngineBase):
     ('{"name": "calculator", "arguments": {"formula": "1+1"}}', 'Error: the calculator takes {"expression"'),
     ('{"name": "calculator", "arguments": [1, 2]}', "Error: the tool call's arguments are not a JSON object"),
     ('["calculator"]', 'Error: the tool call needs a JSON object {"name"'),
+    ("", "Error: the tool call is not valid JSON"),
 ])
 def test_malformed_calls_get_an_error_message_and_the_rollout_goes_on(body: str, message: str) -> None:
     tok = ascii_tokenizer()
@@ -196,6 +197,16 @@ def test_malformed_calls_get_an_error_message_and_the_rollout_goes_on(body: str,
     assert tok.decode(samples.token_ids[0]) == shown[len("Q?"):] + "42" + EOS
     assert metrics["rollout/tool_errors"] == 1.0 and metrics["rollout/tool_calls"] == 1.0
     assert samples.finish_reasons == ["stop"]
+
+
+def test_a_close_without_an_open_is_an_error() -> None:
+    tok = ascii_tokenizer()
+    rollout = MultiTurn(MultiTurnConfig(enable=True, max_turns=2, tools=["calculator"]), tok)
+    engine = Replies(tok, ["7</tool_call>", "7" + EOS])
+    row = PromptExample(tok("Q?", add_special_tokens=False).input_ids, "arithmetic", "7", {}, 0)
+    samples, metrics = rollout.generate(engine, [row], SamplingConfig(max_new_tokens=400, n=1))
+    assert engine.prompts[1][0] == "Q?7</tool_call><tool_response>Error: </tool_call> without <tool_call></tool_response>"
+    assert metrics["rollout/tool_errors"] == 1.0 and samples.finish_reasons == ["stop"]
 
 
 def test_tools_kwargs_limit_a_row_to_the_tools_it_names() -> None:

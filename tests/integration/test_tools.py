@@ -1,0 +1,83 @@
+"""Sandboxed tools for real (the Python interpreter, function tools by dotted path: output, errors,
+timeouts, nothing left running) and a real run of recipe=tiny_arithmetic_tools."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from spmd_rlhf.rollout.toolbox import build_toolbox
+from spmd_rlhf.rollout.tools import ToolCall, ToolSettings
+from tests.launch import REPO_ROOT, child_env, run_reaped
+
+
+@pytest.fixture(scope="module")
+def box():
+    toolbox, sandbox = build_toolbox(["python", "calculator", "tests.integration.custom_tools:lookup",
+                                      "tests.integration.custom_tools:nap"], ToolSettings(timeout_s=2.0))
+    yield toolbox
+    sandbox.close()
+
+
+def run(box, *calls: tuple[str, dict], row: dict | None = None):
+    allowed = box.allowed(row)
+    return box.run([(ToolCall(name, arguments), allowed) for name, arguments in calls])
+
+
+def test_python_tool_prints_errors_and_times_out(box) -> None:
+    start = time.monotonic()
+    ok, failed, looping, empty = run(box, ("python", {"code": "print(sum(range(10)))"}),
+                                     ("python", {"code": "1/0"}),
+                                     ("python", {"code": "while True:\n    pass"}),
+                                     ("python", {"code": "  "}))
+    assert (ok.text, ok.status) == ("45\n", "ok")
+    assert failed.status == "error" and "ZeroDivisionError" in failed.text
+    assert looping.status == "timeout" and looping.text == "Error: timed out after 2 s"
+    assert empty.status == "error" and "takes {\"code\"" in empty.text
+    assert time.monotonic() - start < 30, "the calls of a batch run in parallel, the loop is cut at 2 s"
+
+
+def test_python_tool_output_is_cut(box) -> None:
+    (result,) = run(box, ("python", {"code": "print('x' * 5000)"}))
+    assert result.status == "ok" and result.text.startswith("x" * 1000) and result.text.endswith("[4001 more characters]")
+
+
+def test_function_tools_get_the_rows_create_kwargs_and_time_out(box) -> None:
+    row = {"tools_kwargs": {"lookup": {"create_kwargs": {"table": {"pi": 3.14}}}}}
+    found, missing = run(box, ("lookup", {"key": "pi"}), ("lookup", {"key": "e"}), row=row)
+    assert (found.text, found.status) == ("3.14", "ok")
+    assert missing.status == "error" and "no entry 'e'" in missing.text
+    rested, stuck = run(box, ("nap", {"seconds": 0.01}), ("nap", {"seconds": 30}))
+    assert (rested.text, rested.status) == ("rested", "ok")
+    assert stuck.status == "timeout"
+
+
+def test_the_sandbox_ends_with_close() -> None:
+    toolbox, sandbox = build_toolbox(["python"], ToolSettings(timeout_s=2.0))
+    (result,) = toolbox.run([(ToolCall("python", {"code": "print(1)"}), toolbox.allowed(None))])
+    assert result.text == "1\n"
+    assert build_toolbox(["calculator"], ToolSettings())[1].worker_pids() == [], "no sandbox until a tool needs it"
+    workers = [psutil.Process(pid) for pid in sandbox.worker_pids()]
+    sandbox.close()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
+def test_tools_recipe_one_step(tmp_path: Path) -> None:
+    """The CLI of the README: one step of recipe=tiny_arithmetic_tools logs the tool metrics."""
+    run_dir = tmp_path / "run"
+    proc = run_reaped([sys.executable, "-m", "spmd_rlhf.train", "recipe=tiny_arithmetic_tools",
+                       "trainer.total_steps=1", "trainer.sft.steps=100", "data.arithmetic.num_val=16",
+                       f"hydra.run.dir={run_dir}", "logging.progress_bar=false"],
+                      timeout=400, env=child_env(), cwd=REPO_ROOT)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = next(s for s in steps if "rollout/turns" in s)
+    assert 1.0 <= step["rollout/turns"] <= 2.0, "max_turns=2"
+    assert step["rollout/tool_calls"] > 0, "the warm start calls the calculator in a share of its demonstrations"
+    assert 0.0 <= step["rollout/tool_errors"] <= step["rollout/tool_calls"] and step["rollout/tool_timeouts"] == 0.0
