@@ -16,8 +16,9 @@ class SamplingConfig:
     """How to sample completions.
 
     ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` switch those filters off.
-    ``seed`` seeds this call's generator; callers give each generation replica its own seed
-    (all tp ranks of one replica must pass the same one).
+    ``seed`` seeds the call: with per-prompt ``seeds`` given to ``generate``, each sample draws
+    from a stream keyed by (``seed``, its prompt's seed, its index); without them, one generator
+    per replica (all tp ranks of one replica must pass the same ``seed``).
     """
 
     max_new_tokens: int

@@ -6,7 +6,9 @@ returns its own share; different replicas (gen_dp ranks) generate different prom
 
 Generation is batched: chunks of ``max_batch_size`` rows, left-padded, one prefill and then one
 forward per decode step over the whole chunk with a ``DynamicCache``. Sampling runs in fp32
-(temperature, top-k, top-p) from a ``torch.Generator`` seeded by ``SamplingConfig.seed``; the
+(temperature, top-k, top-p); with per-prompt ``seeds`` every sample inverts its distribution at a
+draw of its own stream (``base.sample_seeds``), so it does not depend on the batch around it;
+without them one ``torch.Generator`` seeded by ``SamplingConfig.seed`` draws for the call. The
 sampled tokens are also broadcast from tp rank 0 each step, so that a last-bit difference in
 logits between ranks can never make them disagree on tokens or on when to stop (which would
 desynchronise their collectives). Logprobs are taken under ``softmax(logits / T)`` before
