@@ -199,10 +199,13 @@ def needs_reference(cfg: Config) -> bool:
 
 def build_optimizer(model, lr: float, weight_decay: float, betas, warmup_steps: int, updates: int,
                     min_lr_ratio: float, fused: bool | None = None, device: torch.device | None = None):
-    """AdamW (its fused kernel on CUDA unless ``fused`` says otherwise) and the warmup/decay schedule."""
+    """AdamW and the warmup/decay schedule. Its fused kernel by default where the state lives on CUDA:
+    the state lives with the parameters, in host memory under FSDP's CPU offload, where the default
+    is torch's CPU loop (``fused=True`` takes the CPU fused kernel there)."""
+    params = list(model.parameters())
     if fused is None:
-        fused = device is not None and device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+        fused = device is not None and device.type == "cuda" and all(p.device.type == "cuda" for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                   fused=fused)
     return optimizer, build_scheduler(optimizer, warmup_steps, max(updates, warmup_steps), min_lr_ratio)
 

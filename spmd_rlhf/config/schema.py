@@ -272,6 +272,9 @@ class TrainerConfig:
     save_every: int = 0  # 0 = never
     resume: str = "never"  # auto | never | PATH
     offload_actor_during_rollout: bool = False  # CUDA: actor + optimizer state in host memory while generating
+    # FSDP2 CPUOffloadPolicy: the actor's shards, gradients and optimizer state (and the reference's shards) live
+    # in host memory, one layer at a time on the device in its pass (implies offload_actor_during_rollout's effect)
+    cpu_offload: bool = False
     eval_before: bool = True
     eval_after: bool = True
     val_every: int = 0  # held-out evaluation every N steps (0 = only before and after)

@@ -25,6 +25,7 @@ def validate(cfg: Config, world_size: int) -> None:
     validate_layout(cfg, world_size)
     validate_reward(cfg)
     _validate_paths(cfg)
+    _validate_cpu_offload(cfg)
 
 
 def _validate_sizes(cfg: Config) -> None:
@@ -177,6 +178,15 @@ def _validate_vllm_knobs(cfg: Config) -> None:
                        ("rollout.vllm.max_num_batched_tokens", v.max_num_batched_tokens)]:
         if value is not None:
             positive(value, key)
+
+
+def _validate_cpu_offload(cfg: Config) -> None:
+    """``trainer.cpu_offload`` keeps the actor in host memory always; moving it back and forth around
+    generation (``trainer.offload_actor_during_rollout``) would put it on the device against FSDP's policy."""
+    if cfg.trainer.cpu_offload and cfg.trainer.offload_actor_during_rollout:
+        raise ConfigError("trainer.cpu_offload=true already keeps the actor's shards and optimizer state in host memory, "
+                          "also while generating, and trainer.offload_actor_during_rollout=true would move them back "
+                          "to the device after it; set trainer.offload_actor_during_rollout=false")
 
 
 def _validate_paths(cfg: Config) -> None:

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from ..config import Config, compile_layers
 from ..distributed.topology import Topology
 from .load import build_causal_lm
-from .parallelize import copy_sharded_weights, frozen_dtype, parallelize
+from .parallelize import copy_sharded_weights, cpu_offloaded, frozen_dtype, materialize, parallelize
 
 
 @dataclass
@@ -20,12 +20,13 @@ class Models:
 
 
 def build_models(cfg: Config, topo: Topology, hf_config: PretrainedConfig) -> Models:
-    """The sharded actor: every rank builds the same weights, then keeps its shard."""
+    """The sharded actor: every rank builds the same weights, then keeps its shard (in host memory
+    under ``trainer.cpu_offload``)."""
     model = build_causal_lm(cfg, hf_config, seed=cfg.trainer.seed)
     m = cfg.model
     model = parallelize(model, topo.fsdp_mesh, topo.device, m.activation_checkpointing, trainable=True,
                         checkpoint_every=m.activation_checkpointing_every,
-                        compile_layers=compile_layers(cfg, topo.device.type))
+                        compile_layers=compile_layers(cfg, topo.device.type), cpu_offload=cfg.trainer.cpu_offload)
     return Models(actor=model, hf_config=hf_config)
 
 
@@ -36,11 +37,14 @@ def build_reference(actor: torch.nn.Module, hf_config: PretrainedConfig, topo: T
     Nothing is read from disk twice; non-persistent buffers (rotary tables) are copied too. On CUDA
     the copy is held in bf16, the dtype the actor computes in: its forwards equal the actor's
     bf16 compute of the same weights, at half the memory and with no fp32 -> bf16 cast per pass.
+    Where the actor is offloaded (``trainer.cpu_offload``) the reference is too, under the same
+    policy: in host memory between its passes, one layer at a time on the device during them.
     """
     with torch.device("meta"):
         ref = AutoModelForCausalLM.from_config(hf_config, dtype=frozen_dtype(topo.device), attn_implementation="sdpa")
-    ref = parallelize(ref, topo.fsdp_mesh, topo.device, activation_checkpointing=False, trainable=False)
-    ref.to_empty(device=topo.device)
+    ref = parallelize(ref, topo.fsdp_mesh, topo.device, activation_checkpointing=False, trainable=False,
+                      cpu_offload=cpu_offloaded(actor))
+    materialize(ref, topo.device)
     copy_sharded_weights(actor, ref)
     actor_buffers = dict(actor.named_buffers())
     for name, buffer in ref.named_buffers():

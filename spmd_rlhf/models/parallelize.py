@@ -4,15 +4,17 @@ Order (torchtitan's): activation checkpointing (every decoder layer, or every k-
 ``torch.compile`` per decoder layer (optional), then ``fully_shard`` on every decoder layer, then
 on the root. On CUDA trainable models keep fp32 master weights and compute in bf16 with fp32
 gradient reduction (``MixedPrecisionPolicy``); a frozen model may be held in bf16 itself (no
-master copy, no cast per forward). On CPU everything stays fp32. Tensor parallelism for
-generation lives in ``distributed/tp_plan.py``.
+master copy, no cast per forward). On CPU everything stays fp32. With ``cpu_offload`` the
+shards, their gradients (and so the optimizer state) live in host memory under FSDP2's
+``CPUOffloadPolicy``: each layer's parameters are copied to the device for its all-gather and its
+reduced gradients back. Tensor parallelism for generation lives in ``distributed/tp_plan.py``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -34,6 +36,31 @@ def frozen_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def offload_policy(device: torch.device) -> CPUOffloadPolicy:
+    """FSDP2's host offload; pinned host memory only where there is an accelerator to copy to."""
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda")
+
+
+def cpu_offloaded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 root whose shards FSDP keeps in host memory (``CPUOffloadPolicy``)."""
+    if not isinstance(model, FSDPModule):
+        return False
+    group = fully_shard.state(model)._fsdp_param_group
+    return group is not None and isinstance(group.offload_policy, CPUOffloadPolicy)
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate a model sharded on meta: shards on ``device``, or in host memory where FSDP offloads
+    them (it requires that); buffers (rotary tables) always on ``device``, where the forward runs."""
+    if not cpu_offloaded(model):
+        model.to_empty(device=device)
+        return
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)  # keeps persistence as it was
+
+
 def parallelize(
     model: torch.nn.Module,
     mesh: DeviceMesh,
@@ -43,12 +70,14 @@ def parallelize(
     checkpoint_every: int = 1,
     compile_layers: bool = False,
     compile_backend: str = "inductor",
+    cpu_offload: bool = False,
 ) -> FSDPModule:
     """Shard ``model`` (full weights on the CPU) over ``mesh`` and move the shards to ``device``.
 
     With ``activation_checkpointing``, layers ``0, k, 2k, ...`` (``k = checkpoint_every``) recompute
     their activations in backward; the others keep them (less recompute, more memory). A frozen
     model (the reference policy) gets ``requires_grad_(False)`` and keeps nothing for backward.
+    ``cpu_offload`` keeps the shards (and gradients) in host memory (``CPUOffloadPolicy``).
     """
     assert checkpoint_every >= 1
     if activation_checkpointing and trainable:
@@ -66,9 +95,11 @@ def parallelize(
     policy = mixed_precision(device)
     if policy is not None:
         kwargs["mp_policy"] = policy
+    if cpu_offload:
+        kwargs["offload_policy"] = offload_policy(device)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)  # also moves parameters and buffers to the mesh's device
+    fully_shard(model, **kwargs)  # also moves buffers, and parameters unless offloaded, to the mesh's device
     return model
 
 

@@ -4,12 +4,15 @@ With ``trainer.offload_actor_during_rollout`` the step runs: wake engine weights
 actor and optimizer state to host memory -> wake KV cache -> generate -> sleep -> back to the GPU,
 so the KV cache can use the room training needs the rest of the time. At build time the actor is
 moved out while vLLM profiles free memory, so ``rollout.vllm.gpu_memory_utilization`` can count
-on it. A no-op where the actor is not on a CUDA device.
+on it. A no-op where the actor is not on a CUDA device, and where FSDP2 already keeps it in host
+memory (``trainer.cpu_offload``, ``CPUOffloadPolicy``: moving it would fight the policy).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..models.parallelize import cpu_offloaded
 
 
 def move_actor(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
@@ -31,12 +34,13 @@ def move_actor(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
 
 
 class ActorOffload:
-    """``with offload:`` keeps the actor in host memory for the block (CUDA only)."""
+    """``with offload:`` keeps the actor in host memory for the block (CUDA only; already there under
+    FSDP's CPU offload, where this does nothing)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device,
                  enabled: bool):
         self.model, self.optimizer, self.device = model, optimizer, device
-        self.enabled = enabled and device.type == "cuda"
+        self.enabled = enabled and device.type == "cuda" and not cpu_offloaded(model)
 
     def __enter__(self) -> ActorOffload:
         if self.enabled:
