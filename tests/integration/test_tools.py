@@ -72,7 +72,7 @@ def test_tools_recipe_one_step(tmp_path: Path) -> None:
     """The CLI of the README: one step of recipe=tiny_arithmetic_tools logs the tool metrics."""
     run_dir = tmp_path / "run"
     proc = run_reaped([sys.executable, "-m", "spmd_rlhf.train", "recipe=tiny_arithmetic_tools",
-                       "trainer.total_steps=1", "trainer.sft.steps=100", "data.arithmetic.num_val=16",
+                       "trainer.total_steps=1", "trainer.sft.steps=50", "data.arithmetic.num_val=16",
                        f"hydra.run.dir={run_dir}", "logging.progress_bar=false"],
                       timeout=400, env=child_env(), cwd=REPO_ROOT)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

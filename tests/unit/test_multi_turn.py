@@ -235,3 +235,27 @@ def test_single_turn_when_disabled_and_config_errors() -> None:
         make(tools=["abacus"])
     with pytest.raises(ConfigError, match="no_such_module"):
         make(tools=["no_such_module:tool"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"tools": []}, "rollout.multi_turn.tools is empty"),
+    ({"max_turns": 0}, "rollout.multi_turn.max_turns=0"),
+    ({"tool_timeout_s": 0}, "rollout.multi_turn.tool_timeout_s=0"),
+    ({"ignore_eos": True}, "rollout.ignore_eos=false"),
+    ({"dynamic_sampling": True}, "algorithm.dynamic_sampling.enable=false"),
+    ({"remax": True}, "remax"),
+])
+def test_config_mistakes_name_the_key(override: dict, key: str) -> None:
+    from spmd_rlhf.config import validate
+
+    cfg = Config()
+    cfg.rollout.multi_turn.enable = True
+    cfg.rollout.multi_turn.tools = override.get("tools", ["calculator"])
+    cfg.rollout.multi_turn.max_turns = override.get("max_turns", 5)
+    cfg.rollout.multi_turn.tool_timeout_s = override.get("tool_timeout_s", 30.0)
+    cfg.rollout.ignore_eos = override.get("ignore_eos", False)
+    cfg.algorithm.dynamic_sampling.enable = override.get("dynamic_sampling", False)
+    if override.get("remax"):
+        cfg.algorithm.adv_estimator = "remax"
+    with pytest.raises(ConfigError, match=key):
+        validate(cfg, world_size=1)
