@@ -18,6 +18,10 @@ sequence's first token: it is always 0 in the mask and never maps to a padded co
 ``[S, W]`` layout of the same rows (``W`` = longest row - 1, the width of
 ``batch.select(rows).loss_mask_BT``) by index tensors only: no device synchronisation, and the
 gradient flows both ways.
+
+Sequence parallel (``distributed.sp``) splits a packed row evenly over its ranks: ``padded``
+appends filler tokens (one segment of their own, positions from 0, nothing to learn) so that N
+divides by the group size.
 """
 
 from __future__ import annotations
@@ -127,6 +131,22 @@ class PackedBatch:
             if isinstance(value, torch.Tensor):
                 moved[name] = value.to(device, non_blocking=non_blocking)
         return PackedBatch(**moved)
+
+    def padded(self, multiple: int) -> PackedBatch:
+        """The same row with filler tokens appended until N is a multiple of ``multiple``: their
+        own ``cu_seqlens`` segment, positions 0.., zero loss mask; K, rows and width unchanged."""
+        extra = -self.num_tokens % multiple
+        if extra == 0:
+            return self
+        ids, positions, mask = self.input_ids_1N, self.position_ids_1N, self.loss_mask_1M
+        return PackedBatch(
+            input_ids_1N=torch.cat([ids, ids[:, -1:].expand(1, extra)], dim=1),
+            position_ids_1N=torch.cat([positions, torch.arange(extra, dtype=positions.dtype).unsqueeze(0)], dim=1),
+            loss_mask_1M=torch.cat([mask, mask.new_zeros(1, extra)], dim=1),
+            cu_seqlens=torch.cat([self.cu_seqlens, self.cu_seqlens.new_tensor([self.num_tokens + extra])]),
+            max_seqlen=max(self.max_seqlen, extra), row_K=self.row_K, col_K=self.col_K, index_K=self.index_K,
+            rows=self.rows, lengths=self.lengths, width=self.width,
+        )
 
     def unpack(self, values_1M: torch.Tensor, shape: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         """The ``[S, W]`` padded layout of per-column values, zero where no packed column maps

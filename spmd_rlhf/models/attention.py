@@ -27,6 +27,11 @@ function hands every call without ``cu_seq_lens_q`` to ``sdpa_attention_forward`
 single unmasked row whose ``position_ids`` restart, in which case the segments are derived from
 them (one host sync per layer), so a packed forward without the keyword arguments is still right.
 Sliding-window layers are not supported (asserted).
+
+Sequence parallel (``distributed.sp``, ``distributed/ulysses.py``): a call whose keyword arguments
+carry ``sp_group`` holds this rank's slice of a packed row; the heads are split over the group by
+an all-to-all, the segments above run on the whole row (``cu_seq_lens_q`` are the whole row's),
+and the inverse all-to-all gives back this rank's tokens with every head.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..distributed.ulysses import ulysses_attention
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -101,7 +108,13 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function of ``VARLEN``: query ``[1, H, N, D]``, key/value
     ``[1, Hkv, N, D]`` in, ``([1, N, H, D], None)`` out, causal within each ``cu_seq_lens_q``
-    segment. Calls without segments and not recognisably packed go to ``sdpa_attention_forward``."""
+    segment. Calls without segments and not recognisably packed go to ``sdpa_attention_forward``.
+    With ``sp_group`` (sequence parallel) the tensors hold this rank's tokens of the row."""
+    group = kwargs.pop("sp_group", None)
+    if group is not None:
+        assert kwargs.get("cu_seq_lens_q") is not None, "sequence parallel runs packed rows with their boundaries"
+        return ulysses_attention(varlen_attention_forward, group, module, query, key, value, attention_mask,
+                                 dropout=dropout, scaling=scaling, **kwargs)
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     position_ids = kwargs.get("position_ids")
     if (cu_seqlens is None and attention_mask is None and position_ids is not None and query.shape[0] == 1
