@@ -279,7 +279,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
     except (ValueError, OSError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     topo = init_distributed(cfg.distributed.dp_replicate, cfg.distributed.tp, cfg.distributed.timeout_s, env,
-                            generation_ranks=dedicated_generation_ranks(cfg))
+                            generation_ranks=dedicated_generation_ranks(cfg), sp=cfg.distributed.sp)
     try:
         return train_on(topo, cfg, run_dir, tokenizer, train, val, scorer, config_dict)
     except BaseException as err:

@@ -47,7 +47,9 @@ def check_tp_shapes(cfg: Config, heads: int, kv_heads: int, intermediate_size: i
     engine and vLLM's ``dtensor`` weight sync slice q/k/v (and, for vLLM, the MLP) with
     ``torch.chunk``, so tp must divide each; vLLM with ``rollout.weight_sync=full`` loads whole
     tensors itself and may replicate key/value heads instead (tp a multiple of them).
+    The sequence-parallel rule (``check_sp_shapes``) is checked first, with the same numbers.
     """
+    check_sp_shapes(cfg, heads, kv_heads)
     tp, engine, sync = cfg.distributed.tp, cfg.rollout.engine, cfg.rollout.weight_sync
     whole_tensors = engine == "vllm" and sync == "full"
     kv_ok = kv_heads % tp == 0 or (whole_tensors and tp % kv_heads == 0)
@@ -64,3 +66,16 @@ def check_tp_shapes(cfg: Config, heads: int, kv_heads: int, intermediate_size: i
         fix += ", or rollout.weight_sync=full (vLLM then replicates the key/value heads)"
     raise ConfigError(f"distributed.tp={tp} must divide the model's {shapes} (every generation rank holds 1/tp "
                       f"of them); {fix}")
+
+
+def check_sp_shapes(cfg: Config, heads: int, kv_heads: int) -> None:
+    """Raise ``ConfigError`` unless ``distributed.sp`` divides the policy's attention and key/value
+    heads: around attention, each of the sp ranks holds 1/sp of them for the whole sequence."""
+    sp = cfg.distributed.sp
+    if heads % sp == 0 and kv_heads % sp == 0:
+        return
+    common = math.gcd(heads, kv_heads)
+    below = max(d for d in range(1, sp + 1) if common % d == 0)
+    raise ConfigError(f"distributed.sp={sp} must divide the model's num_attention_heads={heads} and "
+                      f"num_key_value_heads={kv_heads} (sequence parallel gives each of the sp ranks 1/sp of the heads "
+                      f"in attention); set distributed.sp to a divisor of both (e.g. distributed.sp={below})")

@@ -306,6 +306,8 @@ class DistributedConfig:
     placement: str = "colocate"  # colocate (every rank trains and generates) | split (see generation_ranks)
     # split: the last G ranks (W-G .. W-1) only generate, G/tp engine replicas; the first W-G ranks only train
     generation_ranks: int = 0
+    # Ulysses sequence parallel: each packed row of the training passes split over sp training ranks
+    sp: int = 1
 
 
 @dataclass

@@ -18,6 +18,7 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _validate_staleness(cfg, world_size)
     _validate_training_ranks(cfg, world_size)
     _validate_batch_sizes(cfg, world_size)
+    _validate_sequence_parallel(cfg, world_size)
 
 
 def _validate_placement(cfg: Config, world_size: int) -> None:
@@ -84,6 +85,29 @@ def _validate_training_ranks(cfg: Config, world_size: int) -> None:
             f"distributed.dp_replicate={d.dp_replicate} does not divide the {train} training ranks (world size "
             f"{world_size} - distributed.generation_ranks={d.generation_ranks}); set distributed.dp_replicate to a "
             f"divisor of {train}, or change distributed.generation_ranks")
+
+
+def _validate_sequence_parallel(cfg: Config, world_size: int) -> None:
+    """``distributed.sp`` ranks share each packed row: they divide the training ranks, and rows are packed."""
+    sp = cfg.distributed.sp
+    if sp < 1:
+        raise ConfigError(f"distributed.sp={sp} must be >= 1 (1: no sequence parallel); set distributed.sp=1")
+    if sp == 1:
+        return
+    train = training_world(cfg, world_size)
+    if train % sp != 0:
+        raise ConfigError(f"distributed.sp={sp} does not divide the {train} training ranks (each packed row is split "
+                          f"over distributed.sp ranks); set distributed.sp to a divisor of {train}, or launch a "
+                          "multiple of it")
+    tokens = cfg.trainer.max_tokens_per_micro_batch
+    if tokens is None:
+        import torch  # null packs on CUDA only (config.device_defaults)
+
+        tokens = 0 if not torch.cuda.is_available() else None
+    if tokens == 0:
+        raise ConfigError(f"distributed.sp={sp} splits packed micro-batches, but trainer.max_tokens_per_micro_batch "
+                          "is 0 here (padded rows); set trainer.max_tokens_per_micro_batch to a token budget per "
+                          "packed row (e.g. 4096), or distributed.sp=1")
 
 
 def _validate_batch_sizes(cfg: Config, world_size: int) -> None:

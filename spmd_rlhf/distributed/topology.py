@@ -22,6 +22,10 @@ ranks, the generation mesh ``(gen_dp, tp)`` the generation ranks, and there is n
 (weights cross between the two sets by ``cross_reshard``). Creating a group is collective over the
 world, so every rank builds both meshes; a rank outside one gets ``None`` for it.
 
+Sequence parallel (``sp`` > 1, either placement): a mesh ``(sp_dp, sp)`` over the training ranks,
+groups of ``sp`` consecutive training ranks; its ``sp`` group is the process's sequence-parallel
+group (``ulysses.use_sp_group``). With ``sp`` = 1 nothing is built.
+
 Every group built here has the collective timeout (torch gives sub-groups 30 minutes otherwise).
 """
 
@@ -40,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import Backend as C10dBackend
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .ulysses import use_sp_group
 
 log = logging.getLogger(__name__)
 # Names torch and gloo give the threads of a process group (Linux shows them in /proc).
@@ -111,6 +117,19 @@ class Topology:
     train_ranks: list[int]
     gen_ranks: list[int]
     train_flat_mesh: DeviceMesh | None = None  # split: 1-D over the training ranks (their group)
+    sp_mesh: DeviceMesh | None = None  # (sp_dp, sp) over the training ranks; None without sequence parallel
+
+    @property
+    def sp(self) -> int:
+        """Ranks each packed sequence row of the training passes is split over."""
+        return 1 if self.sp_mesh is None else self.sp_mesh["sp"].size()
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """This training rank's sequence-parallel group (None: sp = 1, or a generation-only rank)."""
+        if self.sp_mesh is None or not self.is_training:
+            return None
+        return self.sp_mesh["sp"].get_group()
 
     @property
     def rank(self) -> int:
@@ -177,13 +196,33 @@ def _pick_device(local_rank: int) -> tuple[torch.device, str]:
 
 
 def init_distributed(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEnv | None = None,
-                     generation_ranks: int = 0) -> Topology:
-    """Start the default process group and build the meshes (``generation_ranks`` 0: colocated).
+                     generation_ranks: int = 0, sp: int = 1) -> Topology:
+    """Start the default process group and build the meshes (``generation_ranks`` 0: colocated;
+    ``sp`` > 1: also the sequence-parallel mesh over the training ranks).
 
     Sizes must already be validated (``config.validate``): colocated, world = dp_replicate *
     dp_shard and tp divides dp_shard; split, dp_replicate divides the training ranks and tp the
-    generation ranks.
+    generation ranks; sp divides the training ranks.
     """
+    topo = _init_meshes(dp_replicate, tp, timeout_s, env, generation_ranks)
+    if sp > 1:
+        topo.sp_mesh = _sp_mesh(topo, sp, datetime.timedelta(seconds=timeout_s))
+        use_sp_group(topo.sp_group)
+    return topo
+
+
+def _sp_mesh(topo: Topology, sp: int, timeout: datetime.timedelta) -> DeviceMesh:
+    """``(sp_dp, sp)`` over the training ranks (every rank of the world calls this)."""
+    trainers = len(topo.train_ranks)
+    assert topo.train_ranks == list(range(trainers)) and trainers % sp == 0, "validated earlier"
+    mesh = _mesh(topo.device, range(0, trainers), {"sp_dp": trainers // sp, "sp": sp}, topo.world_size, timeout)
+    _ROOT_MESHES.append(mesh)
+    return mesh
+
+
+def _init_meshes(dp_replicate: int, tp: int, timeout_s: float, env: LaunchEnv | None,
+                 generation_ranks: int) -> Topology:
+    """The process group, then the training, generation and reshard meshes."""
     env = env or read_launch_env()
     device, backend = _pick_device(env.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -299,6 +338,7 @@ def shutdown() -> None:
     caller drops its own references (models, engines) first. Nothing here is a collective: it
     cannot wait on a rank that has already exited.
     """
+    use_sp_group(None)
     if dist.is_initialized():
         dist.destroy_process_group()
     while _ROOT_MESHES:

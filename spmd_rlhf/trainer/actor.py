@@ -14,6 +14,10 @@ device once and per-micro-batch metrics stay there, read once per optimizer step
 epoch, one mini-batch) the old log-probs are the update's own, detached: ``PolicyTargets`` then
 carries ``old_logprobs_BT=None`` and the engine's log-probs, and the update computes truncated
 importance weights and the engine/actor mismatch itself.
+
+Sequence parallel: the sp ranks of a group pool their rows (``MicroBatcher.share``) and all
+compute the group's whole loss; each back-propagates it into its own tokens only, so the
+``dp_size`` scaling (training ranks) stays exact, and the logged losses count each group once.
 """
 
 from __future__ import annotations
@@ -75,16 +79,17 @@ class Actor(Learner):
         ``model`` (default: the actor)."""
         model = model or self.model
         self.batcher.prepare(model)
-        device_batch = self.batcher.to_device(batch, self.device)
-        out_BT = torch.zeros(batch.loss_mask_BT.shape, dtype=torch.float32, device=self.device)
-        for micro in self.batcher.plan(batch, micro_batch_size, self.device):
+        shared, own = self.batcher.share(batch)  # sequence parallel: the sp group's rows, same on its ranks
+        device_batch = self.batcher.to_device(shared, self.device)
+        out_BT = torch.zeros(shared.loss_mask_BT.shape, dtype=torch.float32, device=self.device)
+        for micro in self.batcher.plan(shared, micro_batch_size, self.device):
             logprobs_BT, _ = micro_logprobs(model, micro, device_batch, temperature, self.batcher.chunk_tokens)
             out_BT[micro.rows, : micro.width] = logprobs_BT
         if isinstance(model, FSDPModule):
             # FSDP2 keeps the root's parameters gathered after a forward that no backward follows:
             # free them (memory) and give the weight sync its sharded DTensors back.
             model.reshard()
-        return out_BT.cpu()
+        return out_BT[own, : batch.loss_mask_BT.shape[1]].cpu()
 
     def _micro_loss(self, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor | None, mask_BT: torch.Tensor,
                     targets: PolicyTargets, algo: AlgorithmConfig, agg: dict) -> tuple[torch.Tensor, dict]:
@@ -106,11 +111,12 @@ class Actor(Learner):
             loss, policy_stats = policy_loss(*args, clip_ratio_c=algo.clip_ratio_c, norm_constant=agg["norm_constant"])
         tokens = mask_BT.sum()
         stats.update({f"actor/{k}": v.detach() * tokens for k, v in policy_stats.items()})
-        stats["actor/pg_loss"] = loss.detach() * self.dp_size
+        groups = self.dp_size // self.batcher.sp  # the sp ranks of a group hold the same loss: count it once
+        stats["actor/pg_loss"] = loss.detach() * groups
         if algo.use_kl_loss and targets.ref_logprobs_BT is not None:
             kl = aggregate_loss(kl_penalty(logprobs_BT, targets.ref_logprobs_BT, algo.kl_estimator), mask_BT, **agg)
             loss = loss + algo.kl_coef * kl
-            stats["actor/kl_loss"] = kl.detach() * self.dp_size
+            stats["actor/kl_loss"] = kl.detach() * groups
         if entropy_BT is not None:
             if algo.entropy_coef > 0:
                 loss = loss - algo.entropy_coef * aggregate_loss(entropy_BT, mask_BT, **agg)
@@ -123,8 +129,10 @@ class Actor(Learner):
         """One optimizer step on ``batch`` (this rank's part of a mini-batch). ``norm_constant``
         is the divisor of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO)."""
         self.batcher.prepare(self.model)
-        num_tokens, num_seqs = self.global_counts(batch)
+        num_tokens, num_seqs = self.global_counts(batch)  # before sharing: every token counted once
         agg = dict(mode=algo.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=norm_constant)
+        batch, _ = self.batcher.share(batch)
+        targets = targets._map(self.batcher.share_values)
         device_batch = self.batcher.to_device(batch, self.device)
         device_targets = targets.to(self.device)
 

@@ -12,6 +12,12 @@ batch's ``loss_mask_BT`` columns, zero off the mask):
 
 Plans are made from the host copy of the batch (no device reads); the batch itself moves to the
 device once, from pinned memory.
+
+Sequence parallel (``distributed.sp`` > 1, packed only; ``distributed/ulysses.py``): ``share``
+concatenates the token batches of the sp group, so its ranks plan the same micro-batches; each
+packed row is padded to a multiple of sp, every rank runs the decoder and the head on its 1/sp of
+the tokens, and the log-probs are summed over the group, so every sp rank returns the whole
+micro-batch's (gradients reach each rank's own tokens only).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch.distributed as dist
 from ..data.batch import TokenBatch, micro_batches
 from ..data.packing import PackedBatch, count_micro_batches, pack, plan_micro_batches
 from ..distributed.comm import all_reduce_floats
+from ..distributed.ulysses import local_span, share_rows, split_decoder, sum_over
+from ..distributed.ulysses import sp_group as sp_group_of_process
 from ..models.attention import packed_forward_kwargs, use_packed_attention
 from ..models.logprobs import fused_policy_forward
 
@@ -33,15 +41,39 @@ class Micro:
     rows: slice | torch.Tensor  # rows of the batch (a LongTensor on the device when packed)
     width: int  # loss columns: the longest row's length - 1
     packed: PackedBatch | None = None  # device tensors of the packed layout
+    sp_group: dist.ProcessGroup | None = None  # sequence parallel: the row is split over this group
 
 
 class MicroBatcher:
-    """Plans micro-batches (``max_tokens`` > 0: packed up to that budget) and moves batches."""
+    """Plans micro-batches (``max_tokens`` > 0: packed up to that budget) and moves batches.
+    ``sp_group``: the sequence-parallel group (default: the process's, ``ulysses.sp_group()``)."""
 
-    def __init__(self, max_tokens: int = 0, chunk_tokens: int = 4096):
+    def __init__(self, max_tokens: int = 0, chunk_tokens: int = 4096, sp_group: dist.ProcessGroup | None = None):
         assert max_tokens is not None and max_tokens >= 0, "resolve trainer.max_tokens_per_micro_batch first"
         self.max_tokens = max_tokens
         self.chunk_tokens = chunk_tokens
+        self.sp_group = sp_group if sp_group is not None else sp_group_of_process()
+        if self.sp_group is not None and dist.get_world_size(self.sp_group) == 1:
+            self.sp_group = None
+        assert self.sp_group is None or max_tokens > 0, "sequence parallel needs packed micro-batches (validated)"
+
+    @property
+    def sp(self) -> int:
+        """Ranks each packed row is split over (1: no sequence parallelism)."""
+        return 1 if self.sp_group is None else dist.get_world_size(self.sp_group)
+
+    def share(self, batch: TokenBatch) -> tuple[TokenBatch, slice]:
+        """The sp group's batches as one (same on its ranks), and this rank's rows in it."""
+        if self.sp_group is None:
+            return batch, slice(0, batch.size)
+        tensors, own = share_rows([getattr(batch, f.name) for f in fields(batch)], self.sp_group)
+        return TokenBatch(*tensors), own
+
+    def share_values(self, values_BT: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-token values of this rank's rows (e.g. advantages) laid out like ``share``'s batch."""
+        if self.sp_group is None or values_BT is None:
+            return values_BT
+        return share_rows([values_BT], self.sp_group)[0][0]
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Packed micro-batches need the variable-length attention (padded calls are unchanged)."""
@@ -63,9 +95,9 @@ class MicroBatcher:
             (count,) = all_reduce_floats([float(count)], op=dist.ReduceOp.MAX)
         micros = []
         for rows in plan_micro_batches(lengths, self.max_tokens, num_micro=int(count)):
-            packed = pack(batch, rows).to(device, non_blocking=True)  # rows == []: a masked dummy
+            packed = pack(batch, rows).padded(self.sp).to(device, non_blocking=True)  # rows == []: a masked dummy
             index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
-            micros.append(Micro(index, packed.width, packed))
+            micros.append(Micro(index, packed.width, packed, self.sp_group))
         return micros
 
 
@@ -81,10 +113,31 @@ def micro_logprobs(model: torch.nn.Module, micro: Micro, batch: TokenBatch, temp
                                     with_entropy=with_entropy, entropy_requires_grad=entropy_grad,
                                     chunk_tokens=chunk_tokens)
     p = micro.packed
-    logprobs_1M, entropy_1M = fused_policy_forward(
-        model, p.input_ids_1N, None, p.position_ids_1N, p.loss_mask_1M.bool(), temperature, with_entropy=with_entropy,
-        entropy_requires_grad=entropy_grad, chunk_tokens=chunk_tokens, **packed_forward_kwargs(p))
+    if micro.sp_group is None:
+        logprobs_1M, entropy_1M = fused_policy_forward(
+            model, p.input_ids_1N, None, p.position_ids_1N, p.loss_mask_1M.bool(), temperature,
+            with_entropy=with_entropy, entropy_requires_grad=entropy_grad, chunk_tokens=chunk_tokens,
+            **packed_forward_kwargs(p))
+    else:
+        logprobs_1M, entropy_1M = _sequence_parallel_logprobs(model, p, micro.sp_group, temperature, chunk_tokens,
+                                                              with_entropy, entropy_grad)
     return p.unpack(logprobs_1M, mask_BT.shape), (p.unpack(entropy_1M, mask_BT.shape) if entropy_1M is not None else None)
+
+
+def _sequence_parallel_logprobs(model: torch.nn.Module, p: PackedBatch, group: dist.ProcessGroup, temperature: float,
+                                chunk_tokens: int, with_entropy: bool,
+                                entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[1, M]`` log-probs (and entropies) of the whole packed row on every rank of ``group``;
+    this rank runs the decoder and the head on its slice of the tokens only."""
+    start, stop = local_span(p.num_tokens, group)
+    select_1M = p.loss_mask_1M.bool().clone()
+    select_1M[:, :start] = False
+    select_1M[:, stop:] = False
+    with split_decoder(model.get_decoder(), group):
+        logprobs_1M, entropy_1M = fused_policy_forward(
+            model, p.input_ids_1N, None, p.position_ids_1N, select_1M, temperature, with_entropy=with_entropy,
+            entropy_requires_grad=entropy_grad, chunk_tokens=chunk_tokens, **packed_forward_kwargs(p))
+    return sum_over(logprobs_1M, group), (sum_over(entropy_1M, group) if entropy_1M is not None else None)
 
 
 def token_logits(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
