@@ -205,7 +205,8 @@ def test_a_close_without_an_open_is_an_error() -> None:
     engine = Replies(tok, ["7</tool_call>", "7" + EOS])
     row = PromptExample(tok("Q?", add_special_tokens=False).input_ids, "arithmetic", "7", {}, 0)
     samples, metrics = rollout.generate(engine, [row], SamplingConfig(max_new_tokens=400, n=1))
-    assert engine.prompts[1][0] == "Q?7</tool_call><tool_response>Error: </tool_call> without <tool_call></tool_response>"
+    error = "Error: </tool_call> without <tool_call>"
+    assert engine.prompts[1][0] == f"Q?7</tool_call><tool_response>{error}</tool_response>"
     assert metrics["rollout/tool_errors"] == 1.0 and samples.finish_reasons == ["stop"]
 
 
@@ -259,3 +260,33 @@ def test_config_mistakes_name_the_key(override: dict, key: str) -> None:
         cfg.algorithm.adv_estimator = "remax"
     with pytest.raises(ConfigError, match=key):
         validate(cfg, world_size=1)
+
+
+QWEN_LIKE_TEMPLATE = (  # the message loop of Qwen2.5's template (tool results as a user turn of <tool_response>s)
+    "{%- for message in messages %}{%- if message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_chatml_tool_message_appends_only_what_follows_the_assistant_text() -> None:
+    tok = ascii_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN_LIKE_TEMPLATE
+    inserted = tok.decode(render_tool_message(tok, "985"))
+    assert inserted == ("<|im_end|>\n<|im_start|>user\n<tool_response>\n985\n</tool_response><|im_end|>\n"
+                        "<|im_start|>assistant\n")
+    rollout = MultiTurn(MultiTurnConfig(enable=True, max_turns=2, tools=["calculator"]), tok)
+    body = '{"name": "calculator", "arguments": {"expression": "437+548"}}'
+    engine = Replies(tok, [f"<tool_call>\n{body}\n</tool_call><|im_end|>", "985<|im_end|>"])
+    prompt = tok.apply_chat_template([{"role": "user", "content": "437+548?"}], add_generation_prompt=True)
+    row = PromptExample(list(prompt if isinstance(prompt, list) else prompt["input_ids"]), "arithmetic", "985", {}, 0)
+    samples, _ = rollout.generate(engine, [row], SamplingConfig(max_new_tokens=400, n=1))
+    whole = tok.decode(row.prompt_ids + samples.token_ids[0]) + "\n"  # the template's newline after the last EOS
+    assert whole == tok.apply_chat_template(
+        [{"role": "user", "content": "437+548?"},
+         {"role": "assistant", "content": f"<tool_call>\n{body}\n</tool_call>"},
+         {"role": "tool", "content": "985"}, {"role": "assistant", "content": "985"}], tokenize=False)
