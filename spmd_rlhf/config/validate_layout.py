@@ -17,8 +17,8 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _validate_placement(cfg, world_size)
     _validate_staleness(cfg, world_size)
     _validate_training_ranks(cfg, world_size)
-    _validate_batch_sizes(cfg, world_size)
     _validate_sequence_parallel(cfg, world_size)
+    _validate_batch_sizes(cfg, world_size)
 
 
 def _validate_placement(cfg: Config, world_size: int) -> None:
