@@ -82,3 +82,5 @@ def test_tools_recipe_one_step(tmp_path: Path) -> None:
     assert 1.0 <= step["rollout/turns"] <= 2.0, "max_turns=2"
     assert step["rollout/tool_calls"] > 0, "the warm start calls the calculator in a share of its demonstrations"
     assert 0.0 <= step["rollout/tool_errors"] <= step["rollout/tool_calls"] and step["rollout/tool_timeouts"] == 0.0
+    # the engine's logprobs of the generated tokens, aligned across turns, are the actor's (fp32 on a CPU)
+    assert step["rollout/logprob_diff"] < 1e-4
