@@ -200,6 +200,13 @@ def multi_turn_for(cfg: Config, tokenizer) -> MultiTurn:
     return _runs[key]
 
 
+def check_multi_turn(cfg: Config, tokenizer) -> None:
+    """With ``rollout.multi_turn.enable``: ``ConfigError`` for a chat template without tool messages or
+    a tool that does not load, before any process group (the run's ``MultiTurn`` is kept for later)."""
+    if cfg.rollout.multi_turn.enable:
+        multi_turn_for(cfg, tokenizer)
+
+
 def close_all() -> None:
     """End every run's tool sandbox (also at interpreter exit)."""
     while _runs:

@@ -12,7 +12,7 @@ from spmd_rlhf.config.schema import MultiTurnConfig
 from spmd_rlhf.data.batch import collate
 from spmd_rlhf.data.datasets import PromptExample
 from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples
-from spmd_rlhf.rollout.multi_turn import MultiTurn, render_tool_message, rollout_samples
+from spmd_rlhf.rollout.multi_turn import MultiTurn, check_multi_turn, render_tool_message, rollout_samples
 from spmd_rlhf.tasks.arithmetic import CALL_PREFIX, CALL_SUFFIX, build_tokenizer
 
 TOK = build_tokenizer(tools=True)
@@ -232,6 +232,10 @@ def test_single_turn_when_disabled_and_config_errors() -> None:
     assert samples.loss_masks is None and metrics == {} and TOK.decode(samples.token_ids[0]) == "3" + EOS
     with pytest.raises(ConfigError, match="chat template"):
         MultiTurn(MultiTurnConfig(enable=True, tools=["calculator"]), build_tokenizer())
+    check_multi_turn(cfg, build_tokenizer())  # disabled: nothing to check
+    cfg.rollout.multi_turn.enable, cfg.rollout.multi_turn.tools = True, ["calculator", "nowhere.tools:x"]
+    with pytest.raises(ConfigError, match=r"rollout.multi_turn.tools\[1\]: cannot import 'nowhere.tools'"):
+        check_multi_turn(cfg, TOK)
     with pytest.raises(ConfigError, match=r"rollout.multi_turn.tools\[0\]"):
         make(tools=["abacus"])
     with pytest.raises(ConfigError, match="no_such_module"):
