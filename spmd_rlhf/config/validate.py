@@ -192,9 +192,9 @@ def _validate_cpu_offload(cfg: Config) -> None:
     """``trainer.cpu_offload`` keeps the actor in host memory always; moving it back and forth around
     generation (``trainer.offload_actor_during_rollout``) would put it on the device against FSDP's policy."""
     if cfg.trainer.cpu_offload and cfg.trainer.offload_actor_during_rollout:
-        raise ConfigError("trainer.cpu_offload=true already keeps the actor's shards and optimizer state in host memory, "
-                          "also while generating, and trainer.offload_actor_during_rollout=true would move them back "
-                          "to the device after it; set trainer.offload_actor_during_rollout=false")
+        raise ConfigError("trainer.cpu_offload=true already keeps the actor's shards and optimizer state in host "
+                          "memory, also while generating, and trainer.offload_actor_during_rollout=true would move "
+                          "them back to the device after it; set trainer.offload_actor_during_rollout=false")
 
 
 def _validate_paths(cfg: Config) -> None:
