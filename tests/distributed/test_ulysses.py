@@ -3,7 +3,8 @@
 The worker runs the actor's log-prob pass and one update (plain SGD at lr 1: the weight change
 is minus the gradient) on packed micro-batches of a tiny Qwen2 policy; at 2 ranks the two form one
 sequence-parallel group, each holding half the rows and half of every packed row's tokens. Then
-the real program: ``distributed.sp=2`` with packing, under torchrun, exits 0 and logs its steps.
+the real program: ``distributed.sp=2`` with packing, under torchrun, colocated and split, exits 0
+and logs its steps.
 """
 
 from __future__ import annotations
@@ -67,10 +68,17 @@ def test_sp2_with_activation_checkpointing_equals_sp1(run):
     _assert_same_update(run(1), run(2, "ac"))
 
 
-def test_train_sp2_end_to_end(tmp_path):
-    proc = torchrun(["-m", "spmd_rlhf.train", "distributed.sp=2", "trainer.total_steps=2",
+# colocated on 2 ranks; split: ranks 0-1 train (one sp group), rank 2 generates
+LAYOUTS = {"colocate": (2, []), "split": (3, ["distributed.placement=split", "distributed.generation_ranks=1"])}
+
+
+@pytest.mark.parametrize("placement", sorted(LAYOUTS))
+def test_train_sp2_end_to_end(tmp_path, placement):
+    nproc, layout = LAYOUTS[placement]
+    proc = torchrun(["-m", "spmd_rlhf.train", "distributed.sp=2", *layout, "trainer.total_steps=2",
                      "trainer.max_tokens_per_micro_batch=256", "trainer.sft.steps=0", "trainer.eval_before=false",
-                     "trainer.eval_after=false", "algorithm.entropy_coef=0.01", f"hydra.run.dir={tmp_path}"], nproc=2, timeout=240)
+                     "trainer.eval_after=false", "algorithm.entropy_coef=0.01", f"hydra.run.dir={tmp_path}"],
+                    nproc=nproc, timeout=240)
     assert proc.returncode == 0
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     updates = [s for s in steps if "actor/pg_loss" in s]
