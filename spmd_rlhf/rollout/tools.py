@@ -145,14 +145,18 @@ class ToolBox:
 
     def allowed(self, extra_info: dict | None) -> dict[str, dict[str, Any]]:
         """The tools a row may call, each with its ``create_kwargs``: all of them, or the ones its
-        ``extra_info.tools_kwargs`` names."""
+        ``extra_info.tools_kwargs`` names (nulls, which parquet writes for the keys of other rows, are
+        dropped)."""
         per_row = (extra_info or {}).get("tools_kwargs")
         if not isinstance(per_row, dict) or not per_row:
             return {name: {} for name in self.tools}
         allowed = {}
         for name, kwargs in per_row.items():
-            create = kwargs.get("create_kwargs", {}) if isinstance(kwargs, dict) else {}
-            allowed[str(name)] = dict(create) if isinstance(create, dict) else {}
+            if kwargs is None:  # parquet fills the tools other rows name with nulls
+                continue
+            create = kwargs.get("create_kwargs") if isinstance(kwargs, dict) else None
+            create = create if isinstance(create, dict) else {}
+            allowed[str(name)] = {k: v for k, v in create.items() if v is not None}
         return allowed
 
     def run(self, calls: Sequence[tuple[ToolCall, dict[str, dict[str, Any]]]]) -> list[ToolResult]:

@@ -73,6 +73,10 @@ def test_registry_routes_one_batch_per_tool_and_rows_see_only_their_tools() -> N
     every = box.allowed({})
     only_echo = box.allowed({"tools_kwargs": {"echo": {"create_kwargs": {"k": 1}}}})
     assert set(every) == {"calculator", "echo"} and only_echo == {"echo": {"k": 1}}
+    # a parquet row: the tools other rows name come back as nulls, so do their missing kwargs
+    parquet = {"tools_kwargs": {"echo": {"create_kwargs": {"k": 1, "j": None}}, "calculator": None}}
+    assert box.allowed(parquet) == {"echo": {"k": 1}}
+    assert box.allowed({"tools_kwargs": {"echo": {"create_kwargs": None}}}) == {"echo": {}}
     calls = [(ToolCall("echo", {"text": "a"}), every), (ToolCall("calculator", {"expression": "1+2"}), every),
              (ToolCall("echo", {"text": "b"}), only_echo), (ToolCall("calculator", {"expression": "1"}), only_echo),
              (ToolCall(error="bad"), every), (ToolCall("nope", {}), every)]
