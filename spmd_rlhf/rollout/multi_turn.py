@@ -113,8 +113,8 @@ class MultiTurn:
             active = [r for r in rows if r.finish is None]
             if not active and not self.lockstep:
                 break
-            budget = sampling.max_new_tokens
-            if not self.lockstep:  # tp ranks of a replica must agree on the call: then the whole budget
+            budget = sampling.max_new_tokens  # lockstep: the tp ranks of a replica must make the same call
+            if not self.lockstep:  # the most any sample still going may generate; each is cut at its own
                 budget = max(sampling.max_new_tokens - len(r.tokens) for r in active)
             turn_sampling = dataclasses.replace(sampling, n=1, max_new_tokens=budget,
                                                 seed=sample_seeds(sampling.seed, [_TURN_SEED_SALT], turn)[-1])
