@@ -214,7 +214,8 @@ def build_critic_for(cfg: Config, topo: Topology, hf_config, actor_model, update
     """The value model of ``adv_estimator=gae``: from the actor's weights or a reward model's."""
     c = cfg.critic
     init_from = actor_model if c.init_from == "actor" else c.init_from
-    model = build_critic(hf_config, topo, init_from, c.activation_checkpointing, seed=cfg.trainer.seed)
+    model = build_critic(hf_config, topo, init_from, c.activation_checkpointing, seed=cfg.trainer.seed,
+                         cpu_offload=cfg.trainer.cpu_offload)
     optimizer, scheduler = build_optimizer(model, c.lr, c.weight_decay, cfg.trainer.betas, c.warmup_steps, updates,
                                            cfg.trainer.min_lr_ratio, cfg.trainer.fused_optimizer, topo.device)
     return Critic(model, optimizer, scheduler, topo.dp_size, c.grad_clip, topo.device)

@@ -137,7 +137,7 @@ class CrossReshard:
         blocks = [param._local_tensor for param in params]  # FSDP's unpadded torch.chunk block
         shards = mesh.size(mesh.ndim - 1)
         if shards == 1:
-            return [block.to(spec.dtype) for spec, block in zip(bucket, blocks)]
+            return [block.to(self.topo.device, spec.dtype) for spec, block in zip(bucket, blocks)]
         steps = [-(-spec.shape[0] // shards) * math.prod(spec.shape[1:]) for spec in bucket]
         offsets = [sum(steps[:i]) for i in range(len(steps) + 1)]
         mine = torch.zeros(offsets[-1], dtype=bucket[0].dtype, device=self.topo.device)

@@ -76,10 +76,11 @@ def _spec(name: str, param: torch.Tensor, shard_dims: dict[str, int | None], dty
     return ParamSpec(name, tuple(param.shape), shard_dims[name], dtype or param.dtype)
 
 
-def _cast(plan: BucketPlan, blocks: list[torch.Tensor]) -> torch.Tensor:
-    """This rank's blocks of the bucket in the output dtype, in one flat buffer: dense blocks as
-    they are, dim-1 blocks with tp rank t's columns at part t."""
-    cast = torch.empty(plan.cast_numel, dtype=plan.dtype, device=blocks[0].device)
+def _cast(plan: BucketPlan, blocks: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """This rank's blocks of the bucket in the output dtype, in one flat buffer on ``device`` (the
+    mesh's: blocks FSDP offloads to host memory are copied there by the cast; default the blocks'):
+    dense blocks as they are, dim-1 blocks with tp rank t's columns at part t."""
+    cast = torch.empty(plan.cast_numel, dtype=plan.dtype, device=device or blocks[0].device)
     regions = _unflatten_dense_tensors(cast, plan.cast_templates)
     if plan.dense:
         torch._foreach_copy_([regions[i] for i in plan.dense], [blocks[i] for i in plan.dense])
@@ -126,10 +127,10 @@ def _assemble(plan: BucketPlan, cast: torch.Tensor, recv: torch.Tensor) -> list[
 
 @torch.no_grad()
 def _reshard_bucket(plan: BucketPlan, params: list[tuple[str, torch.Tensor]],
-                    group: dist.ProcessGroup | None) -> list[tuple[str, torch.Tensor]]:
+                    group: dist.ProcessGroup | None, device: torch.device) -> list[tuple[str, torch.Tensor]]:
     blocks = [param._local_tensor for _, param in params]  # to_local() without autograd: FSDP's unpadded block
     assert all(b.shape == shape for b, shape in zip(blocks, plan.local_shapes)), "blocks are FSDP2's torch.chunk"
-    cast = _cast(plan, blocks)
+    cast = _cast(plan, blocks, device)
     recv = _exchange(plan, cast, group) if plan.moves else cast[:0]
     return [(spec.name, piece) for spec, piece in zip(plan.specs, _assemble(plan, cast, recv))]
 
@@ -150,14 +151,14 @@ def reshard_stream(
     specs = tuple(_spec(name, param, shard_dims, dtype, fsdp_mesh, placements) for name, param in params)
     plans = plan_buckets(specs, layout, bucket_bytes)
     group = fsdp_mesh.get_group(fsdp_mesh.ndim - 1) if layout.shards > 1 else None
-    return _stream(plans, params, group)
+    return _stream(plans, params, group, torch.device(fsdp_mesh.device_type))
 
 
-def _stream(plans, params, group) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def _stream(plans, params, group, device: torch.device) -> Iterator[list[tuple[str, torch.Tensor]]]:
     start = 0
     for plan in plans:
         stop = start + len(plan.specs)
-        yield _reshard_bucket(plan, params[start:stop], group)
+        yield _reshard_bucket(plan, params[start:stop], group, device)
         start = stop
     assert start == len(params)
 
@@ -189,6 +190,8 @@ def full_tensor_stream(
 
     def pieces():
         for name, param in named_params:
+            if isinstance(param, DTensor) and param.device.type != param.device_mesh.device_type:
+                param = param.to(param.device_mesh.device_type)  # a shard FSDP keeps in host memory
             full = (param.full_tensor() if isinstance(param, DTensor) else param).detach()
             yield name, full if dtype is None else full.to(dtype)
 

@@ -47,7 +47,7 @@ from transformers import (
 
 from ..config import ConfigError
 from ..distributed.topology import Topology
-from .parallelize import parallelize
+from .parallelize import materialize, parallelize
 
 BACKBONE_PREFIX = "model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -116,15 +116,15 @@ def load_reward_model(path: str, topo: Topology, dtype: torch.dtype = torch.floa
 
 def build_critic(hf_config: PretrainedConfig, topo: Topology, init_from: torch.nn.Module | str,
                  activation_checkpointing: bool = False, seed: int = 0, head_init_std: float = 0.0,
-                 key: str = "critic.init_from") -> FSDPModule:
+                 key: str = "critic.init_from", cpu_offload: bool = False) -> FSDPModule:
     """The trainable value model, initialised from the sharded actor or a reward-model directory.
 
     ``hf_config`` is the actor's (used with ``init_from=actor``; a reward-model directory brings its
     own). The caller checks a directory's tokenizer first (``check_model_dir(path, key, tokenizer)``).
     """
     if isinstance(init_from, str):
-        return _critic_from_reward_model(init_from, topo, activation_checkpointing, key)
-    return _critic_from_actor(init_from, hf_config, topo, activation_checkpointing, seed, head_init_std)
+        return _critic_from_reward_model(init_from, topo, activation_checkpointing, key, cpu_offload)
+    return _critic_from_actor(init_from, hf_config, topo, activation_checkpointing, seed, head_init_std, cpu_offload)
 
 
 def critic_config(hf_config: PretrainedConfig) -> PretrainedConfig:
@@ -137,13 +137,15 @@ def critic_config(hf_config: PretrainedConfig) -> PretrainedConfig:
 
 @torch.no_grad()
 def _critic_from_actor(actor: torch.nn.Module, hf_config: PretrainedConfig, topo: Topology,
-                       activation_checkpointing: bool, seed: int, head_init_std: float) -> FSDPModule:
+                       activation_checkpointing: bool, seed: int, head_init_std: float,
+                       cpu_offload: bool = False) -> FSDPModule:
     with torch.device("meta"):
         critic = AutoModelForTokenClassification.from_config(
             critic_config(hf_config), dtype=torch.float32, attn_implementation="sdpa"
         )
-    critic = parallelize(critic, topo.fsdp_mesh, topo.device, activation_checkpointing, trainable=True)
-    critic.to_empty(device=topo.device)
+    critic = parallelize(critic, topo.fsdp_mesh, topo.device, activation_checkpointing, trainable=True,
+                         cpu_offload=cpu_offload)
+    materialize(critic, topo.device)
     actor_params = dict(actor.named_parameters())
     for name, param in critic.named_parameters():
         if name.startswith(BACKBONE_PREFIX):
@@ -169,7 +171,7 @@ def _init_head(critic: torch.nn.Module, seed: int, std: float) -> None:
 
 
 def _critic_from_reward_model(path: str, topo: Topology,
-                              activation_checkpointing: bool, key: str) -> FSDPModule:
+                              activation_checkpointing: bool, key: str, cpu_offload: bool = False) -> FSDPModule:
     config = critic_config(check_model_dir(path, key))
     critic = AutoModelForTokenClassification.from_pretrained(
         path, config=config, dtype=torch.float32, attn_implementation="sdpa"
@@ -177,4 +179,5 @@ def _critic_from_reward_model(path: str, topo: Topology,
     if critic.score.bias is not None:
         with torch.no_grad():
             critic.score.bias.zero_()  # the sequence classifier has no bias; HF gave the token classifier a random one
-    return parallelize(critic, topo.fsdp_mesh, topo.device, activation_checkpointing, trainable=True)
+    return parallelize(critic, topo.fsdp_mesh, topo.device, activation_checkpointing, trainable=True,
+                       cpu_offload=cpu_offload)

@@ -91,9 +91,13 @@ def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: floa
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global gradient norm over all shards (clipped to ``max_norm`` when > 0)."""
+    """Global gradient norm over all shards (clipped to ``max_norm`` when > 0). The shards' partial
+    norm is reduced on the mesh's device even where FSDP keeps gradients in host memory
+    (``trainer.cpu_offload``): NCCL moves no CPU tensors."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+        local = norm.to_local().to(norm.device_mesh.device_type)
+        norm = DTensor.from_local(local, norm.device_mesh, norm.placements).full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else float("inf"), norm)
     return float(norm)
