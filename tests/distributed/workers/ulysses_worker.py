@@ -7,7 +7,8 @@ every row, then one update (PPO clip with ratios away from 1, seq-mean-token-mea
 with plain SGD at lr 1, so the weight change is minus the gradient. Rank 0 saves the log-probs of
 all rows, the weights before and after, the rank-reduced metrics, and the number of tokens the
 first layer's MLP saw in each forward (each rank's own) to ``argv[1]``. ``argv[2] == "ac"``:
-activation checkpointing (the attention's all-to-alls run again in the backward).
+activation checkpointing (the attention's all-to-alls run again in the backward); ``"compile"``:
+``torch.compile``d layers (aot_eager; minutes on 2 cores, so not in the test suite).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main(out_path: str, variant: str) -> None:
     model = tiny_model(tiny_config("qwen2", VOCAB, tied=True), seed=0).train()
     mlp_tokens: list[int] = []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: mlp_tokens.append(args[0].shape[1]))
-    model = parallelize(model, topo.fsdp_mesh, topo.device, activation_checkpointing=variant == "ac")
+    model = parallelize(model, topo.fsdp_mesh, topo.device, activation_checkpointing=variant == "ac",
+                        compile_layers=variant == "compile", compile_backend="aot_eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     batcher = MicroBatcher(MAX_TOKENS, chunk_tokens=4)
