@@ -46,13 +46,16 @@ class Micro:
 
 class MicroBatcher:
     """Plans micro-batches (``max_tokens`` > 0: packed up to that budget) and moves batches.
-    ``sp_group``: the sequence-parallel group (default: the process's, ``ulysses.sp_group()``)."""
+    ``sp_group``: the sequence-parallel group of packed micro-batches (default: the process's,
+    ``ulysses.sp_group()``; padded micro-batches are never split)."""
 
     def __init__(self, max_tokens: int = 0, chunk_tokens: int = 4096, sp_group: dist.ProcessGroup | None = None):
         assert max_tokens is not None and max_tokens >= 0, "resolve trainer.max_tokens_per_micro_batch first"
         self.max_tokens = max_tokens
         self.chunk_tokens = chunk_tokens
-        self.sp_group = sp_group if sp_group is not None else sp_group_of_process()
+        if sp_group is None and max_tokens > 0:
+            sp_group = sp_group_of_process()
+        self.sp_group = sp_group
         if self.sp_group is not None and dist.get_world_size(self.sp_group) == 1:
             self.sp_group = None
         assert self.sp_group is None or max_tokens > 0, "sequence parallel needs packed micro-batches (validated)"
