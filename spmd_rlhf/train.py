@@ -25,15 +25,17 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import (Config, ConfigError, check_tp_shapes, dedicated_generation_ranks, micro_batch_tokens,
-                     register_configs, validate)
+from .config import (Config, ConfigError, check_context_length, check_known_keys, check_tp_shapes,
+                     dedicated_generation_ranks, micro_batch_tokens, register_configs, validate)
 from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
 from .data.loader import PromptLoader
 from .distributed.comm import use_training_group
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
 from .models.build import build_models, build_reference
 from .models.heads import build_critic, check_model_dir, load_reward_model
-from .models.load import eos_token_ids, load_tokenizer, model_config
+from .models.load import eos_token_ids, load_tokenizer, max_positions, model_config
+from .plot import write_dashboard
+from .rewards.build import build_scorer
 from .rewards.model import RewardModel
 from .rewards.registry import RewardScorer
 from .rollout.build import build_engine
@@ -49,6 +51,7 @@ from .trainer.actor import Actor
 from .trainer.checkpoint import CheckpointError, CheckpointManager
 from .trainer.preemption import PreemptionHandler
 from .trainer.critic import Critic
+from .trainer.experience import uses_reference
 from .trainer.loop import Trainer, TrainerParts
 from .trainer.metrics import MetricsLogger
 from .trainer.micro import MicroBatcher
@@ -146,7 +149,9 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
                                  topo.dp_size, topo.device, tokenizer.pad_token_id, cfg.trainer.grad_clip)
         logger.log(0, metrics, advance=False)
     algo, t = cfg.algorithm, cfg.trainer
-    reference = build_reference(actor_model, hf_config, topo) if needs_reference(cfg) else None
+    # LoRA: the reference is the actor with its adapters disabled, no second model
+    lora = cfg.model.lora.rank > 0
+    reference = build_reference(actor_model, hf_config, topo) if needs_reference(cfg) and not lora else None
     updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
     optimizer, scheduler = build_optimizer(actor_model, t.lr, t.weight_decay, t.betas, t.warmup_steps, updates,
                                            t.min_lr_ratio, t.fused_optimizer, topo.device)
@@ -192,17 +197,17 @@ def run_generation_rank(cfg: Config, topo: Topology, tokenizer, train, val, scor
 
 
 def needs_reference(cfg: Config) -> bool:
-    """A frozen reference is built when KL is a loss, in the reward, or guarded."""
-    a = cfg.algorithm
-    return (a.use_kl_loss and a.kl_coef > 0) or a.kl_in_reward.enable or a.kl_guard.max_kl > 0
+    """Reference log-probs are needed when KL is a loss, in the reward, or guarded."""
+    return uses_reference(cfg)
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas, warmup_steps: int, updates: int,
                     min_lr_ratio: float, fused: bool | None = None, device: torch.device | None = None):
     """AdamW and the warmup/decay schedule. Its fused kernel by default where the state lives on CUDA:
     the state lives with the parameters, in host memory under FSDP's CPU offload, where the default
-    is torch's CPU loop (``fused=True`` takes the CPU fused kernel there)."""
-    params = list(model.parameters())
+    is torch's CPU loop (``fused=True`` takes the CPU fused kernel there). Only trainable parameters
+    get optimizer state (LoRA: the adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if fused is None:
         fused = device is not None and device.type == "cuda" and all(p.device.type == "cuda" for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
@@ -264,15 +269,17 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
     env = read_launch_env()
     try:  # every user error surfaces here, before any process group or model exists
         check_torchrun_restart()
+        check_known_keys(config_dict)
         validate(cfg, env.world_size)
         tokenizer = load_tokenizer(cfg)
         hf_config = model_config(cfg, tokenizer)
         heads = hf_config.num_attention_heads
         check_tp_shapes(cfg, heads, getattr(hf_config, "num_key_value_heads", None) or heads,
                         hf_config.intermediate_size)
+        check_context_length(cfg, max_positions(hf_config))
         check_vllm(cfg, hf_config)
         train, val = load_data(cfg, tokenizer)
-        scorer = RewardScorer(cfg.reward.custom_function, cfg.reward.timeout_s, cfg.reward.default_source)
+        scorer = build_scorer(cfg.reward)
         check_reward_model(cfg, tokenizer)
         if len(train) < cfg.trainer.batch_size:
             raise ConfigError(f"only {len(train)} usable training prompts, fewer than trainer.batch_size="
@@ -287,6 +294,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         forget_locals(err)
         raise
     finally:
+        scorer.close()  # the sandbox pools, if any row started them
         use_training_group(None)  # the module kept the training ranks' group
         shutdown()  # after train_on's frame is gone: nothing of the run holds a process group any more
 
@@ -321,6 +329,8 @@ def train_on(topo: Topology, cfg: Config, run_dir: str, tokenizer, train, val, s
             results = trainer.run(checkpoints, preemption)
         report(results, logger)
         logger.close()
+        if topo.is_main:
+            write_dashboard(run_dir)
         return results
     finally:
         trainer.close()
