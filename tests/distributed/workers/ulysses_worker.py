@@ -37,9 +37,10 @@ def fixed_batch():
     gen = torch.Generator().manual_seed(7)
     prompts, responses = [], []
     for _ in range(ROWS):
-        prompts.append(torch.randint(1, VOCAB, (int(torch.randint(2, 6, (1,), generator=gen)),), generator=gen).tolist())
-        responses.append(torch.randint(1, VOCAB, (int(torch.randint(1, 9, (1,), generator=gen)),),
-                                       generator=gen).tolist())
+        prompt_len = int(torch.randint(2, 6, (1,), generator=gen))
+        prompts.append(torch.randint(1, VOCAB, (prompt_len,), generator=gen).tolist())
+        response_len = int(torch.randint(1, 9, (1,), generator=gen))
+        responses.append(torch.randint(1, VOCAB, (response_len,), generator=gen).tolist())
     batch = collate(prompts, responses, pad_id=0)
     advantages_BT = torch.randn(batch.loss_mask_BT.shape, generator=gen) * batch.loss_mask_BT
     noise_BT = 0.1 * torch.randn(batch.loss_mask_BT.shape, generator=gen)
