@@ -19,11 +19,24 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "se
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 WEIGHT_SYNC = ("dtensor", "full")
 PLACEMENTS = ("colocate", "split")
+LORA_SYNC = ("merged", "adapter")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CODE_SCORES = ("fraction", "all_pass")  # reward.code_score (rewards.sandboxed's)
 
 
 class ConfigError(ValueError):
     """A configuration a user can fix; the message names the key and the fix."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the actor through PEFT (``models/lora.py``); only the adapters train."""
+
+    rank: int = 0  # 0 = off (full fine-tuning)
+    alpha: float = 16.0  # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the attention and MLP projections
+    sync: str = "merged"  # merged: W + (alpha/r) B A to the engine, bucket by bucket | adapter: (not supported yet)
 
 
 @dataclass
@@ -40,6 +53,7 @@ class ModelConfig:
     compile_layers: bool | None = None
     logprob_chunk_tokens: int = 4096  # tokens per lm_head + log-softmax chunk (memory: chunk x vocab in fp32)
     trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

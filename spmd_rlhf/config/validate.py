@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 
 from .checks import choice, in_range, positive
-from .schema import (ADV_ESTIMATORS, ALGORITHMS, ENGINES, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES,
-                     VLLM_DTYPES, WEIGHT_SYNC, Config, ConfigError)
+from .schema import (ADV_ESTIMATORS, ALGORITHMS, ENGINES, KL_CONTROLLERS, KL_ESTIMATORS, LORA_SYNC, LOSS_AGG_MODES,
+                     POLICY_LOSSES, VLLM_DTYPES, WEIGHT_SYNC, Config, ConfigError)
 from .validate_layout import validate_layout
 from .validate_reward import validate_reward
 
@@ -26,6 +26,7 @@ def validate(cfg: Config, world_size: int) -> None:
     validate_reward(cfg)
     _validate_paths(cfg)
     _validate_cpu_offload(cfg)
+    _validate_lora(cfg)
 
 
 def _validate_sizes(cfg: Config) -> None:
@@ -195,6 +196,30 @@ def _validate_cpu_offload(cfg: Config) -> None:
         raise ConfigError("trainer.cpu_offload=true already keeps the actor's shards and optimizer state in host "
                           "memory, also while generating, and trainer.offload_actor_during_rollout=true would move "
                           "them back to the device after it; set trainer.offload_actor_during_rollout=false")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """``model.lora``: the adapter's shape, and the parts of the program LoRA does not reach yet."""
+    lora = cfg.model.lora
+    positive(lora.rank, "model.lora.rank", allow_zero=True)
+    if lora.rank == 0:
+        return
+    positive(lora.alpha, "model.lora.alpha")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout={lora.dropout} must be in [0, 1); set model.lora.dropout=0.0")
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules is empty; name the projections to adapt, e.g. "
+                          "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+    choice(lora.sync, "model.lora.sync", LORA_SYNC)
+    if lora.sync == "adapter":
+        raise ConfigError("model.lora.sync=adapter (adapters only into vLLM's LoRA support) is not supported yet; "
+                          "set model.lora.sync=merged")
+    if cfg.distributed.placement == "split":
+        raise ConfigError("model.lora.rank > 0 is not supported with distributed.placement=split yet; set "
+                          "distributed.placement=colocate or model.lora.rank=0")
+    if cfg.algorithm.adv_estimator == "gae" and cfg.critic.init_from == "actor":
+        raise ConfigError("model.lora.rank > 0 with critic.init_from=actor is not supported yet (the critic would "
+                          "copy a PEFT model); set critic.init_from=<a reward-model directory> or model.lora.rank=0")
 
 
 def _validate_paths(cfg: Config) -> None:
