@@ -84,15 +84,18 @@ class CrossReshard:
         assert topo.placement == "split", "colocated ranks reshard in place (reshard.reshard_stream)"
         self.topo = topo
         self.received_bytes = 0
+        # The job's world, held now: an engine may consume ``receive`` while its own world is the
+        # default group (vLLM on generation-only ranks), and ranks here are the job's.
+        self.group = dist.distributed_c10d._get_default_group()
         if topo.is_training:
             assert specs is not None, "training ranks pass the specs of the parameters they send"
             self.buckets = _buckets(list(specs), bucket_bytes)
             if topo.is_main:
-                sends = [isend_object(self.buckets, dst) for dst in topo.gen_ranks]
+                sends = [isend_object(self.buckets, dst, self.group) for dst in topo.gen_ranks]
                 for handle in sends:
                     handle.wait()
         else:
-            self.buckets = recv_object(topo.train_ranks[0])
+            self.buckets = recv_object(topo.train_ranks[0], self.group)
 
     def _sender(self, gen_index: int) -> int:
         return self.topo.train_ranks[gen_index % len(self.topo.train_ranks)]
@@ -120,7 +123,7 @@ class CrossReshard:
                 if tp_rank not in messages:
                     messages[tp_rank] = _message(bucket, full, self.topo.tp, tp_rank)
                 if messages[tp_rank].numel():
-                    works.append(dist.isend(messages[tp_rank], dst))
+                    works.append(dist.isend(messages[tp_rank], dst, group=self.group))
                     sent += messages[tp_rank].numel() * messages[tp_rank].element_size()
             _wait(in_flight)  # the previous bucket's sends, while this one's are under way
             in_flight = (works, messages)
@@ -179,7 +182,7 @@ class CrossReshard:
         """Allocate a bucket's buffer and start receiving into it (nothing to receive: no message)."""
         numel = sum(_slice_numel(spec, tp, tp_rank) for spec in bucket)
         buffer = torch.empty(numel, dtype=bucket[0].dtype, device=self.topo.device)
-        return buffer, (dist.irecv(buffer, src) if numel else None)
+        return buffer, (dist.irecv(buffer, src, group=self.group) if numel else None)
 
 
 def _wait(in_flight: tuple[list[dist.Work], dict[int, torch.Tensor]] | None) -> None:
