@@ -80,7 +80,7 @@ class LocalRollouts:
         self.engine.wake()
         self.sync.push()
         with self.offload():
-            metrics = evaluate(self.engine, self.generation.score.tokenizer, self.generation.score.scorer,
+            metrics = evaluate(self.cfg, self.engine, self.generation.score.tokenizer, self.generation.score.scorer,
                                self.val_examples, eval_sampling(self.cfg), self.topo)
             self.engine.sleep()
         return metrics

@@ -80,7 +80,7 @@ class GenerationWorker:
         """This rank's share of the held-out prompts: tallies and seconds."""
         start = time.perf_counter()
         mine = [self.val_examples[i] for i in share(len(self.val_examples), len(self.topo.gen_ranks), self.index)]
-        tallies = eval_tallies(self.engine, self.tokenizer, self.scorer, mine, eval_sampling(self.cfg))
+        tallies = eval_tallies(self.cfg, self.engine, self.tokenizer, self.scorer, mine, eval_sampling(self.cfg))
         return tallies, time.perf_counter() - start
 
     def _generate(self, batch: int) -> list[ObjectSend]:

@@ -70,10 +70,13 @@ def test_the_sandbox_ends_with_close() -> None:
 
 
 def test_tools_recipe_one_step(tmp_path: Path) -> None:
-    """The CLI of the README: one step of recipe=tiny_arithmetic_tools logs the tool metrics."""
+    """The CLI of the README: one step of recipe=tiny_arithmetic_tools logs the tool metrics, and the
+    held-out evaluation generates through the tools (sampled, so that the warm start's share of
+    calls shows)."""
     run_dir = tmp_path / "run"
     proc = run_reaped([sys.executable, "-m", "spmd_rlhf.train", "recipe=tiny_arithmetic_tools",
-                       "trainer.total_steps=1", "trainer.sft.steps=50", "data.arithmetic.num_val=16",
+                       "trainer.total_steps=1", "trainer.sft.steps=50", "data.arithmetic.num_val=128",
+                       "rollout.val_temperature=1.0",
                        f"hydra.run.dir={run_dir}", "logging.progress_bar=false"],
                       timeout=400, env=child_env(), cwd=REPO_ROOT)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -84,3 +87,8 @@ def test_tools_recipe_one_step(tmp_path: Path) -> None:
     assert 0.0 <= step["rollout/tool_errors"] <= step["rollout/tool_calls"] and step["rollout/tool_timeouts"] == 0.0
     # the engine's logprobs of the generated tokens, aligned across turns, are the actor's (fp32 on a CPU)
     assert step["rollout/logprob_diff"] < 1e-4
+    evals = [s for s in steps if "eval/turns" in s]
+    assert len(evals) == 2, "before and after"
+    # a single-turn evaluation has exactly 1 turn per response; 128 samples at the warm start's rate of answered
+    # calls (about 0.05 per sample) all answering directly would have odds of about 2e-3
+    assert all(1.0 < s["eval/turns"] <= 2.0 for s in evals), evals
