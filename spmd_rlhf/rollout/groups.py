@@ -56,18 +56,28 @@ class Rollout:
     def groups(self, indices: list[int]) -> Rollout:
         """A rollout of the given groups, in the given order."""
         rows = [g * self.n + j for g in indices for j in range(self.n)]
+        masks = self.samples.loss_masks
         samples = Samples([self.samples.token_ids[r] for r in rows], [self.samples.logprobs[r] for r in rows],
-                          [self.samples.finish_reasons[r] for r in rows])
+                          [self.samples.finish_reasons[r] for r in rows],
+                          None if masks is None else [masks[r] for r in rows])
         greedy = None if self.greedy_rewards is None else self.greedy_rewards[indices]
         rewards = self.rewards[rows] if self.rewards.numel() else self.rewards
         return Rollout([self.examples[r] for r in rows], samples, self.n, rewards, greedy)
+
+
+def loss_masks_of(parts: list[Samples]) -> list[list[int]] | None:
+    """The loss masks of ``parts`` end to end: None when no part has any; otherwise a part without
+    them (every token generated) gets all-ones masks."""
+    if all(p.loss_masks is None for p in parts):
+        return None
+    return [m for p in parts for m in (p.loss_masks or [[1] * len(t) for t in p.token_ids])]
 
 
 def concat(parts: list[Rollout]) -> Rollout:
     """The groups of ``parts``, in order (metrics are not carried)."""
     assert parts and len({p.n for p in parts}) == 1
     samples = Samples([t for p in parts for t in p.samples.token_ids], [lp for p in parts for lp in p.samples.logprobs],
-                      [f for p in parts for f in p.samples.finish_reasons])
+                      [f for p in parts for f in p.samples.finish_reasons], loss_masks_of([p.samples for p in parts]))
     greedy = None
     if all(p.greedy_rewards is not None for p in parts):
         greedy = torch.cat([p.greedy_rewards for p in parts])

@@ -64,6 +64,7 @@ class GroupReplayBuffer:
         """Plain Python values only (lists, dicts, numbers, strings): loadable with weights_only."""
         groups = [{"examples": [dataclasses.asdict(e) for e in g.examples], "token_ids": g.samples.token_ids,
                    "logprobs": g.samples.logprobs, "finish_reasons": g.samples.finish_reasons,
+                   "loss_masks": g.samples.loss_masks,
                    "rewards": g.rewards.tolist(),
                    "greedy_rewards": None if g.greedy_rewards is None else g.greedy_rewards.tolist()}
                   for g in self.groups]
@@ -73,7 +74,7 @@ class GroupReplayBuffer:
         groups = []
         for g in state["groups"]:
             examples = [PromptExample(**e) for e in g["examples"]]
-            samples = Samples(g["token_ids"], g["logprobs"], g["finish_reasons"])
+            samples = Samples(g["token_ids"], g["logprobs"], g["finish_reasons"], g.get("loss_masks"))
             greedy = None if g["greedy_rewards"] is None else torch.tensor(g["greedy_rewards"])
             groups.append(Rollout(examples, samples, len(examples), torch.tensor(g["rewards"]), greedy))
         self.groups = deque(groups, maxlen=self.capacity)

@@ -247,7 +247,6 @@ def test_single_turn_when_disabled_and_config_errors() -> None:
     ({"max_turns": 0}, "rollout.multi_turn.max_turns=0"),
     ({"tool_timeout_s": 0}, "rollout.multi_turn.tool_timeout_s=0"),
     ({"ignore_eos": True}, "rollout.ignore_eos=false"),
-    ({"dynamic_sampling": True}, "algorithm.dynamic_sampling.enable=false"),
     ({"remax": True}, "remax"),
 ])
 def test_config_mistakes_name_the_key(override: dict, key: str) -> None:
@@ -259,11 +258,21 @@ def test_config_mistakes_name_the_key(override: dict, key: str) -> None:
     cfg.rollout.multi_turn.max_turns = override.get("max_turns", 5)
     cfg.rollout.multi_turn.tool_timeout_s = override.get("tool_timeout_s", 30.0)
     cfg.rollout.ignore_eos = override.get("ignore_eos", False)
-    cfg.algorithm.dynamic_sampling.enable = override.get("dynamic_sampling", False)
     if override.get("remax"):
         cfg.algorithm.adv_estimator = "remax"
     with pytest.raises(ConfigError, match=key):
         validate(cfg, world_size=1)
+
+
+def test_group_picking_takes_multi_turn() -> None:
+    """Dynamic sampling and replay carry the loss masks (``rollout/groups.py``): no refusal."""
+    from spmd_rlhf.config import validate
+
+    cfg = Config()
+    cfg.rollout.multi_turn.enable, cfg.rollout.multi_turn.tools = True, ["calculator"]
+    cfg.algorithm.dynamic_sampling.enable = True
+    cfg.algorithm.filter.replay_capacity, cfg.algorithm.filter.replay_fraction = 8, 0.25
+    validate(cfg, world_size=1)
 
 
 QWEN_LIKE_TEMPLATE = (  # the message loop of Qwen2.5's template (tool results as a user turn of <tool_response>s)
