@@ -11,6 +11,7 @@ import torch
 from ..algorithms.advantages import outcome_token_rewards
 from ..algorithms.correction import mismatch_sums, truncated_is_weights
 from ..algorithms.kl import kl_reward_penalty
+from ..algorithms.losses import masked_sum
 from ..algorithms.shaping import keep_groups
 from ..config import Config
 from ..data.batch import response_tensor
@@ -18,6 +19,7 @@ from ..rollout.groups import Rollout
 from .actor import Actor, PolicyTargets
 from .estimate import compute_advantages
 from .kl_control import KLControl
+from .metrics import global_means
 from .replay import GroupReplayBuffer
 
 
@@ -35,13 +37,12 @@ def rollout_correction(old_BT: torch.Tensor, engine_BT: torch.Tensor, mask_BT: t
     ``tis_cap == 0``) and the engine/actor mismatch as floats: ``rollout/logprob_diff`` (mean
     |old - engine| over sampled tokens), its max, and the mean weight when TIS is on."""
     sums = mismatch_sums(old_BT, engine_BT, mask_BT)
-    tokens = max(float(mask_BT.sum()), 1.0)
-    metrics = {"rollout/logprob_diff": float(sums["rollout/logprob_diff"]) / tokens,
-               "rollout/logprob_diff/max": float(sums["rollout/logprob_diff/max"])}
-    if tis_cap <= 0:
-        return None, metrics
-    weights = truncated_is_weights(old_BT, engine_BT, mask_BT, tis_cap)
-    metrics["rollout/tis_weight"] = float(weights.sum()) / tokens
+    tokens = float(mask_BT.sum())
+    weighted = {"rollout/logprob_diff": (float(sums["rollout/logprob_diff"]), tokens)}
+    weights = truncated_is_weights(old_BT, engine_BT, mask_BT, tis_cap) if tis_cap > 0 else None
+    if weights is not None:
+        weighted["rollout/tis_weight"] = (float(weights.sum()), tokens)
+    metrics = {"rollout/logprob_diff/max": float(sums["rollout/logprob_diff/max"]), **global_means(weighted)}
     return weights, metrics
 
 
@@ -119,11 +120,12 @@ class Experience:
             is_weights, mismatch = rollout_correction(old, engine_lp, mask, algo.tis_cap)
             metrics.update(mismatch)
             policy = PolicyTargets(adv.advantages_BT, old, ref, is_weights)
-        valid = mask.bool()
-        metrics["actor/advantage_mean"] = float(adv.advantages_BT[valid].mean()) if valid.any() else 0.0
+        tokens = float(mask.sum())  # token means over every training rank's tokens
+        means = {"actor/advantage_mean": (masked_sum(adv.advantages_BT, mask), tokens)}
         critic_targets = None
         if self.critic is not None:
             critic_targets = CriticTargets(values, adv.returns_BT)
-            metrics["critic/values_mean"] = float(values[valid].mean()) if valid.any() else 0.0
-            metrics["critic/returns_mean"] = float(adv.returns_BT[valid].mean()) if valid.any() else 0.0
+            means["critic/values_mean"] = (masked_sum(values, mask), tokens)
+            means["critic/returns_mean"] = (masked_sum(adv.returns_BT, mask), tokens)
+        metrics.update(global_means(means))
         return policy, critic_targets, metrics

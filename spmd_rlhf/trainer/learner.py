@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from ..data.batch import TokenBatch
 from ..distributed.comm import all_reduce_floats
+from .metrics import global_means
 
 MicroLoss = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -28,7 +29,8 @@ class Learner:
 
     Metrics of a micro-batch are 0-dim device tensors: those named in ``whole`` are summed over
     micro-batches as they are (already global), keys ending in ``/max`` take the maximum, and the
-    others are token-weighted sums divided by the step's ``_tokens``.
+    others are token-weighted sums divided by the step's ``_tokens``, both summed over the training
+    ranks (``global_means``: exact, not a mean of per-rank means).
     """
 
     namespace = ""  # metric prefix: "actor", "critic"
@@ -67,8 +69,10 @@ class Learner:
     def _finish_step(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(totals)
         values = dict(zip(keys, torch.stack([totals[k].double() for k in keys]).tolist())) if keys else {}
-        tokens = max(values.pop("_tokens", 0.0), 1.0)
-        metrics = {k: (v if k in self.whole else v / tokens) for k, v in values.items()}
+        tokens = values.pop("_tokens", 0.0)
+        metrics = {k: v for k, v in values.items() if k in self.whole or k.endswith("/max")}
+        # token-weighted: this rank's sums and tokens, summed over the training ranks, divided once
+        metrics.update(global_means({k: (v, tokens) for k, v in values.items() if k not in metrics}))
         prefix = self.namespace
         metrics[f"{prefix}/grad_norm"], metrics[f"{prefix}/lr"], stepped = optimizer_step(
             self.model, self.optimizer, self.scheduler, self.grad_clip)
