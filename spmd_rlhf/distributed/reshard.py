@@ -38,7 +38,7 @@ whole tensors and slice them themselves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -125,10 +125,16 @@ def _assemble(plan: BucketPlan, cast: torch.Tensor, recv: torch.Tensor) -> list[
     return [s if s.shape == t.shape else flat.new_empty(t.shape) for s, t in zip(slices, plan.out_templates)]
 
 
+LocalBlock = Callable[[str, DTensor], torch.Tensor]  # (name, parameter) -> the block to send in its place
+
+
 @torch.no_grad()
-def _reshard_bucket(plan: BucketPlan, params: list[tuple[str, torch.Tensor]],
-                    group: dist.ProcessGroup | None, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-    blocks = [param._local_tensor for _, param in params]  # to_local() without autograd: FSDP's unpadded block
+def _reshard_bucket(plan: BucketPlan, params: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup | None,
+                    device: torch.device, local_block: LocalBlock | None = None) -> list[tuple[str, torch.Tensor]]:
+    if local_block is None:  # to_local() without autograd: FSDP's unpadded block
+        blocks = [param._local_tensor for _, param in params]
+    else:
+        blocks = [local_block(name, param) for name, param in params]
     assert all(b.shape == shape for b, shape in zip(blocks, plan.local_shapes)), "blocks are FSDP2's torch.chunk"
     cast = _cast(plan, blocks, device)
     recv = _exchange(plan, cast, group) if plan.moves else cast[:0]
@@ -141,8 +147,12 @@ def reshard_stream(
     mesh: DeviceMesh,
     bucket_bytes: int,
     dtype: torch.dtype | None = None,
+    local_block: LocalBlock | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield buckets of ``(name, tp_slice)``; every rank must consume the whole stream."""
+    """Yield buckets of ``(name, tp_slice)``; every rank must consume the whole stream.
+
+    ``local_block(name, param)``, when given, supplies the block that stands for ``param``'s local
+    shard (same shape), computed when its bucket is cast: LoRA's merged ``W + s B A`` blocks."""
     params = list(named_params)
     if not params:
         return iter(())
@@ -151,14 +161,15 @@ def reshard_stream(
     specs = tuple(_spec(name, param, shard_dims, dtype, fsdp_mesh, placements) for name, param in params)
     plans = plan_buckets(specs, layout, bucket_bytes)
     group = fsdp_mesh.get_group(fsdp_mesh.ndim - 1) if layout.shards > 1 else None
-    return _stream(plans, params, group, torch.device(fsdp_mesh.device_type))
+    return _stream(plans, params, group, torch.device(fsdp_mesh.device_type), local_block)
 
 
-def _stream(plans, params, group, device: torch.device) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def _stream(plans, params, group, device: torch.device,
+            local_block: LocalBlock | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     start = 0
     for plan in plans:
         stop = start + len(plan.specs)
-        yield _reshard_bucket(plan, params[start:stop], group, device)
+        yield _reshard_bucket(plan, params[start:stop], group, device, local_block)
         start = stop
     assert start == len(params)
 

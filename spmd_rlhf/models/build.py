@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from ..config import Config, compile_layers
 from ..distributed.topology import Topology
 from .load import build_causal_lm
+from .lora import add_lora
 from .parallelize import copy_sharded_weights, cpu_offloaded, frozen_dtype, materialize, parallelize
 
 
@@ -21,8 +22,12 @@ class Models:
 
 def build_models(cfg: Config, topo: Topology, hf_config: PretrainedConfig) -> Models:
     """The sharded actor: every rank builds the same weights, then keeps its shard (in host memory
-    under ``trainer.cpu_offload``)."""
+    under ``trainer.cpu_offload``). With ``model.lora.rank > 0`` it is a PEFT model whose adapters
+    alone train (added before sharding; same seed on every rank, so the same adapters)."""
     model = build_causal_lm(cfg, hf_config, seed=cfg.trainer.seed)
+    if cfg.model.lora.rank > 0:
+        torch.manual_seed(cfg.trainer.seed)
+        model = add_lora(model, cfg.model.lora)
     m = cfg.model
     model = parallelize(model, topo.fsdp_mesh, topo.device, m.activation_checkpointing, trainable=True,
                         checkpoint_every=m.activation_checkpointing_every,

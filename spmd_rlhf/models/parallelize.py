@@ -16,9 +16,14 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from .lora import is_lora
+
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks of a HF causal LM (``model.model.layers`` for Llama/Qwen/Mistral)."""
+    """The transformer blocks of a HF causal LM (``model.model.layers`` for Llama/Qwen/Mistral), also
+    under PEFT's wrapper."""
+    if is_lora(model):
+        model = model.get_base_model()
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     assert layers is not None, f"{type(model).__name__} has no model.layers; add its block list here"

@@ -22,10 +22,11 @@ from ..distributed.cross_reshard import CrossReshard, param_specs
 from ..distributed.reshard import full_tensor_stream, reshard_stream
 from ..distributed.topology import Topology
 from ..distributed.tp_plan import param_shard_dims, replicated_dims
+from ..models.lora import MergedWeights, is_lora
 from .base import RolloutEngine
 
 
-def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module, tp: int) -> dict[str, int | None]:
+def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module | MergedWeights, tp: int) -> dict[str, int | None]:
     """The per-parameter tensor-parallel plan the weight sync streams to ``engine``.
 
     Empty when the engine takes whole tensors; every parameter whole at tp = 1; otherwise
@@ -36,7 +37,7 @@ def sync_shard_dims(engine: RolloutEngine, model: torch.nn.Module, tp: int) -> d
     return engine.shard_dims(base_shard_dims(model, tp))
 
 
-def base_shard_dims(model: torch.nn.Module, tp: int) -> dict[str, int | None]:
+def base_shard_dims(model: torch.nn.Module | MergedWeights, tp: int) -> dict[str, int | None]:
     """The trainer's plan before any engine adjusts it: every tensor whole at tp = 1."""
     return param_shard_dims(model) if tp > 1 else replicated_dims(model)
 
@@ -52,7 +53,10 @@ def _counted(stream: Iterable[list[tuple[str, torch.Tensor]]], into: list[int]) 
 
 
 class WeightSync:
-    """Colocated: the actor's FSDP shards -> this rank's engine (tp slices or whole tensors)."""
+    """Colocated: the actor's FSDP shards -> this rank's engine (tp slices or whole tensors).
+
+    A LoRA actor (``model.lora.sync=merged``) sends its merged weights under the base model's
+    names, each FSDP block merged as its bucket is cast (``models/lora.MergedWeights``)."""
 
     def __init__(self, engine: RolloutEngine, model: torch.nn.Module, topo: Topology, bucket_bytes: int):
         self.engine = engine
@@ -61,11 +65,17 @@ class WeightSync:
         self.bucket_bytes = bucket_bytes
         self.full = engine.wants_full_weights
         self.dtype = engine.dtype
-        self.shard_dims = sync_shard_dims(engine, model, topo.tp)
+        self.merged = MergedWeights(model) if is_lora(model) else None
+        self.shard_dims = sync_shard_dims(engine, self.merged or model, topo.tp)
 
     def stream(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """One version of the weights, bucket by bucket, as the engine's ``load_weights`` takes
         them; every rank of the training mesh must consume the whole stream."""
+        if self.merged is not None:
+            if self.full:
+                return full_tensor_stream(self.merged.full_tensors(), self.bucket_bytes, self.dtype)
+            return reshard_stream(self.merged.named_parameters(), self.shard_dims, self.topo.reshard_mesh,
+                                  self.bucket_bytes, self.dtype, local_block=self.merged.local_block)
         params = self.model.named_parameters()
         if self.full:
             return full_tensor_stream(params, self.bucket_bytes, self.dtype)

@@ -32,6 +32,7 @@ from ..algorithms.kl import kl_penalty
 from ..algorithms.losses import aggregate_loss, gspo_policy_loss, masked_sum, policy_loss
 from ..config import AlgorithmConfig
 from ..data.batch import TokenBatch
+from ..models.lora import reference_mode
 from .learner import Learner
 from .micro import Micro, MicroBatcher, micro_logprobs
 
@@ -90,6 +91,16 @@ class Actor(Learner):
             # free them (memory) and give the weight sync its sharded DTensors back.
             model.reshard()
         return out_BT[own, : batch.loss_mask_BT.shape[1]].cpu()
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float,
+                           reference: torch.nn.Module | None = None) -> torch.Tensor:
+        """Per-token logprobs under the reference policy: the frozen ``reference`` model, or, with
+        LoRA (no reference model), the actor with its adapters disabled."""
+        if reference is not None:
+            return self.logprobs(batch, micro_batch_size, temperature, model=reference)
+        with reference_mode(self.model):
+            return self.logprobs(batch, micro_batch_size, temperature)
 
     def _micro_loss(self, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor | None, mask_BT: torch.Tensor,
                     targets: PolicyTargets, algo: AlgorithmConfig, agg: dict) -> tuple[torch.Tensor, dict]:

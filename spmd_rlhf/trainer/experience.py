@@ -70,6 +70,12 @@ def filter_and_replay(rollout: Rollout, cfg: Config,
     return rollout, filtered, metrics
 
 
+def uses_reference(cfg: Config) -> bool:
+    """Reference log-probs are needed when KL is a loss, in the reward, or guarded."""
+    a = cfg.algorithm
+    return (a.use_kl_loss and a.kl_coef > 0) or a.kl_in_reward.enable or a.kl_guard.max_kl > 0
+
+
 class Experience:
     """Old/reference log-probs, values, token rewards and advantages of a rollout."""
 
@@ -101,8 +107,8 @@ class Experience:
         # on-policy, the update's own (detached) log-probs are the old ones: no separate pass
         old = None if self.on_policy() else self.actor.logprobs(batch, micro, r.temperature)
         ref = None
-        if self.reference is not None:
-            ref = self.actor.logprobs(batch, micro, r.temperature, model=self.reference)
+        if uses_reference(self.cfg):  # the frozen model, or the actor without its LoRA adapters
+            ref = self.actor.reference_logprobs(batch, micro, r.temperature, self.reference)
         metrics: dict[str, float] = {}
         token_rewards = outcome_token_rewards(rollout.rewards, mask)
         if self.kl_control.reward_controller is not None:

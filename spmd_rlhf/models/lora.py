@@ -1,0 +1,125 @@
+"""LoRA on the actor through PEFT: the adapters, the reference they hide, and their merged weights.
+
+``add_lora`` wraps an HF causal LM in a ``PeftModel`` (before FSDP2: ``parallelize`` shards the
+PEFT model's decoder layers); only the ``lora_A``/``lora_B`` matrices train. The reference policy
+is the same model with the adapters disabled (``reference_mode``): no second copy.
+
+``MergedWeights`` is the view the weight sync streams: the base model's HF names (no
+``base_model.model.`` prefix, no ``.base_layer``, no ``lora_`` tensors) and, per parameter, its
+FSDP block merged on the fly, ``W + (alpha / r) B A``: FSDP2 shards ``W [out, in]`` and
+``B [out, r]`` alike on dim 0 (torch.chunk of the same ``out`` rows), so the merged block is
+``W_local + s * B_local @ A`` with ``A [r, in]`` gathered (small). Nothing merged outlives its
+bucket; the model is never merged in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch.distributed.tensor import DTensor
+
+from ..config.schema import LoraConfig
+
+PREFIX = "base_model.model."
+ADAPTER = "default"
+
+
+def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
+    """``model`` with LoRA adapters (PEFT's init: A random, B zero, so the output is unchanged);
+    every base parameter frozen, only the adapters trainable."""
+    config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (FSDP-wrapped or not) carries PEFT adapters."""
+    return isinstance(model, PeftModel)
+
+
+def reference_mode(model: torch.nn.Module):
+    """A context in which ``model`` computes as its base model (adapters disabled): the reference."""
+    assert is_lora(model)
+    return model.disable_adapter()
+
+
+def base_name(name: str) -> str | None:
+    """The HF name of a PEFT parameter in the merged model; None for adapter tensors."""
+    if ".lora_" in name:
+        return None
+    assert name.startswith(PREFIX), name
+    return name[len(PREFIX):].replace(".base_layer.", ".")
+
+
+def _on_mesh_device(param: torch.Tensor) -> torch.Tensor:
+    """A DTensor moved to its mesh's device (shards FSDP offloads live in host memory)."""
+    if isinstance(param, DTensor) and param.device.type != param.device_mesh.device_type:
+        return param.to(param.device_mesh.device_type)
+    return param
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    param = _on_mesh_device(param)
+    return (param.full_tensor() if isinstance(param, DTensor) else param).detach()
+
+
+class MergedWeights:
+    """The merged model's parameters, named as the base model's, merged bucket by bucket."""
+
+    def __init__(self, model: torch.nn.Module):
+        assert is_lora(model)
+        self._params: list[tuple[str, torch.Tensor]] = []
+        self._adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # weight name -> (A, B, scale)
+        for module_name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                name = base_name(f"{module_name}.base_layer.weight")
+                self._adapters[name] = (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight,
+                                        float(module.scaling[ADAPTER]))
+        for name, param in model.named_parameters():
+            merged = base_name(name)
+            if merged is not None:
+                self._params.append((merged, param))
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """``(HF name, base parameter)``: the shapes, dtypes and placements of the merged weights."""
+        return list(self._params)
+
+    @torch.no_grad()
+    def local_block(self, name: str, param: DTensor) -> torch.Tensor:
+        """This rank's FSDP block of the merged ``name``: ``W_local + s * B_local @ A`` (collective for
+        adapted weights: every rank must ask for the same names in the same order)."""
+        block = param._local_tensor
+        if name not in self._adapters:
+            return block
+        a, b, scale = self._adapters[name]
+        assert isinstance(b, DTensor) and b.placements == param.placements, "B is sharded like W (rows)"
+        a_full = _full(a)
+        b_local = b._local_tensor.to(a_full.device)
+        return block.to(a_full.device) + scale * (b_local @ a_full).to(block.dtype)
+
+    @torch.no_grad()
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(HF name, whole merged tensor)``, one at a time (collective over the training mesh)."""
+        for name, param in self._params:
+            full = _full(param)
+            if name in self._adapters:
+                a, b, scale = self._adapters[name]
+                full = full + scale * (_full(b) @ _full(a)).to(full.dtype)
+            yield name, full
+
+
+@torch.no_grad()
+def fold_adapters(model: torch.nn.Module) -> None:
+    """Merge the adapters into the (sharded) base weights in place and zero every B: the model
+    computes the same, and disabling the adapters now gives it (the reference after a warm start)."""
+    merged = MergedWeights(model)
+    for name, param in merged.named_parameters():
+        if name in merged._adapters:
+            block = merged.local_block(name, param)
+            param._local_tensor.copy_(block.to(param._local_tensor.device))
+    for _, b, _ in merged._adapters.values():
+        b._local_tensor.zero_()
