@@ -1,0 +1,55 @@
+"""LoRA learns the embedded task from a warm-started base, end to end under torchrun (2 gloo ranks).
+
+The base is the embedded default after its supervised warm start (one GRPO step, full fine-tuning),
+exported as a Hugging Face directory: a stand-in for a pretrained model. A LoRA run on it
+(``model.lora.rank=8``, the default attention and MLP projections, merged weight sync, the k3 KL
+loss against the actor with its adapters disabled) gains at least 10 held-out points in 30 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import REPO_ROOT, child_env, torchrun
+
+STEPS = 30
+GAIN = 0.10
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _train(run_dir, *overrides: str, cwd) -> None:
+    torchrun(["-m", "spmd_rlhf.train", f"hydra.run.dir={run_dir}", "logging.progress_bar=false", *overrides],
+             nproc=2, timeout=420, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_lora_gains_held_out_accuracy(tmp_path):
+    _train(tmp_path / "base", "trainer.total_steps=1", cwd=tmp_path)
+    base_hf = tmp_path / "base_hf"
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "export_hf.py"), str(tmp_path / "base" / "checkpoints"),
+                    str(base_hf)], env=child_env(), check=True, capture_output=True, timeout=180)
+
+    run_dir = tmp_path / "lora"
+    _train(run_dir, f"model.path={base_hf}", "trainer.sft.steps=0", "model.lora.rank=8", "trainer.lr=3e-3",
+           f"trainer.total_steps={STEPS}", cwd=tmp_path)
+    records = _records(run_dir / "metrics.jsonl")
+    evals = [r for r in records if "eval/arithmetic/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, STEPS]
+    before, after = (r["eval/arithmetic/accuracy"] for r in evals)
+    assert after >= before + GAIN, f"LoRA did not gain {GAIN:.0%} held-out accuracy: {before:.3f} -> {after:.3f}"
+
+    steps = [r for r in records if "reward/mean" in r]
+    assert len(steps) == STEPS
+    # the reference pass ran (adapters disabled) and the KL loss acts; the engine got the merged weights the
+    # actor computes with: its log-probs match the update's
+    assert all(r["timing/reference"] > 0 for r in steps)
+    assert all(0 <= r["actor/kl_loss"] < 1.0 for r in steps) and steps[-1]["actor/kl_loss"] > 0
+    assert all(r["rollout/logprob_diff"] < 1e-4 for r in steps), max(r["rollout/logprob_diff"] for r in steps)
+    assert steps[-1]["rollout/weight_version"] > steps[0]["rollout/weight_version"]
