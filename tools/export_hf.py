@@ -3,6 +3,8 @@
     python tools/export_hf.py outputs/run/checkpoints/step_00000120 exported/   # one step folder
     python tools/export_hf.py outputs/run/checkpoints/latest exported/          # the one `latest` names
     python tools/export_hf.py outputs/run/checkpoints exported/ --dtype float32  # the same; fp32 weights
+    python tools/export_hf.py outputs/lora_run/checkpoints adapter/             # LoRA: PEFT adapter directory
+    python tools/export_hf.py outputs/lora_run/checkpoints merged/ --merged     # LoRA: merged HF model
 
 Reads only the actor's model weights from the DCP files, in one process on the CPU, whatever the
 number of ranks that saved them (no process group). Writes ``config.json`` (with ``use_cache``
@@ -25,6 +27,8 @@ import torch
 from spmd_rlhf.trainer.checkpoint import load_model_weights
 from spmd_rlhf.trainer.checkpoint_files import HF_DIR, LATEST, CheckpointError, is_complete, newest_checkpoint
 
+LORA_KEY = "spmd_rlhf_lora"  # models/lora.py's CONFIG_KEY: a LoRA actor's settings in its config
+PEFT_PREFIX = "base_model.model."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,9 +67,49 @@ def model_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.dtype | None = None) -> None:
+def merge_lora(weights: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
+    """A PEFT model's weights as the base model's, with ``W + (alpha / r) B A`` for adapted ones."""
+    scale = lora["lora_alpha"] / lora["r"]
+    merged = {}
+    for name, tensor in weights.items():
+        if ".lora_" in name:
+            continue
+        base = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        if ".base_layer." in name:
+            module = name.removesuffix(".base_layer.weight").removesuffix(".base_layer.bias")
+            if name.endswith(".weight"):
+                a, b = weights[f"{module}.lora_A.default.weight"], weights[f"{module}.lora_B.default.weight"]
+                tensor = tensor + scale * (b.float() @ a.float()).to(tensor.dtype)
+        merged[base] = tensor
+    return merged
+
+
+def export_adapter(weights: dict[str, torch.Tensor], lora: dict, hf_dir: str, out: str,
+                   dtype: torch.dtype | None) -> None:
+    """PEFT's adapter directory: ``adapter_config.json`` and ``adapter_model.safetensors`` (the
+    adapters only, named as ``PeftModel.save_pretrained`` names them) and the tokenizer's files."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    adapters = {name.replace(".default.", "."): tensor.to(dtype or tensor.dtype).contiguous()
+                for name, tensor in weights.items() if ".lora_" in name}
+    if not adapters:
+        raise CheckpointError(f"{hf_dir}/config.json names LoRA adapters but the checkpoint holds none")
+    os.makedirs(out, exist_ok=True)
+    LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
+               target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM").save_pretrained(out)
+    save_file(adapters, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(hf_dir):  # tokenizer files; the base model's config.json is not the adapter's
+        src = os.path.join(hf_dir, name)
+        if os.path.isfile(src) and name != "config.json":
+            shutil.copy2(src, os.path.join(out, name))
+
+
+def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.dtype | None = None,
+              merged: bool = False) -> None:
     """Write the HF directory ``out`` from a step folder, a ``latest`` file or a checkpoint dir
-    (its newest step), in ``dtype`` (default: the model's own)."""
+    (its newest step), in ``dtype`` (default: the model's own). A LoRA actor is written as PEFT's
+    adapter directory, or with ``merged`` as the HF model with the adapters merged in."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     step_folder = find_step_folder(checkpoint)
@@ -75,6 +119,13 @@ def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.
                               "the model's config.json and tokenizer files there and export again")
     weights = load_model_weights(step_folder, component)
     config = AutoConfig.from_pretrained(hf_dir)
+    lora = config.to_dict().get(LORA_KEY)
+    if lora is not None:  # a LoRA actor: the adapter directory, or the merged model
+        delattr(config, LORA_KEY)
+        if not merged:
+            export_adapter(weights, lora, hf_dir, out, dtype)
+            return
+        weights = merge_lora(weights, lora)
     dtype = dtype or model_dtype(config)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     config.use_cache = True  # training turns the KV cache off; generation wants it
@@ -104,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--component", default="actor", help="which model of the checkpoint (default: actor)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights' dtype (default: the model's own, from its config; float32 if it names none)")
+    parser.add_argument("--merged", action="store_true",
+                        help="a LoRA actor: write the HF model with the adapters merged in (default: PEFT's "
+                        "adapter directory)")
     args = parser.parse_args(argv)
     try:
-        export_hf(args.checkpoint, args.out, args.component, DTYPES.get(args.dtype))
+        export_hf(args.checkpoint, args.out, args.component, DTYPES.get(args.dtype), args.merged)
     except CheckpointError as err:
         print(f"export_hf: {err}", file=sys.stderr)
         return 2

@@ -26,11 +26,15 @@ from ..config.schema import LoraConfig
 
 PREFIX = "base_model.model."
 ADAPTER = "default"
+CONFIG_KEY = "spmd_rlhf_lora"  # the adapters' settings, kept in the model's config (checkpoints' hf/config.json)
 
 
 def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
     """``model`` with LoRA adapters (PEFT's init: A random, B zero, so the output is unchanged);
-    every base parameter frozen, only the adapters trainable."""
+    every base parameter frozen, only the adapters trainable. The settings are recorded in
+    ``model.config`` (``CONFIG_KEY``), so a checkpoint's config tells the export how to merge."""
+    setattr(model.config, CONFIG_KEY, {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                                       "target_modules": list(lora.target_modules)})
     config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)

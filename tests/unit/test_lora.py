@@ -1,19 +1,27 @@
-"""LoRA through PEFT: the config's errors, which parameters train, and the merged weights' names."""
+"""LoRA through PEFT: the config's errors, which parameters train, the merged weights' names, and the
+export of a LoRA checkpoint (PEFT adapter directory; merged HF model on request)."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from spmd_rlhf.config import Config, ConfigError, validate
 from spmd_rlhf.config.schema import LoraConfig
 from spmd_rlhf.models.lora import MergedWeights, add_lora, reference_mode
 from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
 from spmd_rlhf.train import build_optimizer
-from transformers import AutoModelForCausalLM
+from spmd_rlhf.trainer.checkpoint import CheckpointManager, ModelOptimizerState
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def lora_cfg(**fields) -> Config:
@@ -97,3 +105,35 @@ def test_merged_weights_are_peft_merge_under_base_names() -> None:
     for name, tensor in want.items():
         assert torch.allclose(got[name], tensor, atol=1e-6), name
     assert max(float((got[n] - p.detach()).abs().max()) for n, p in base.named_parameters()) > 1e-2
+
+
+def load_export_tool():
+    spec = importlib.util.spec_from_file_location("export_hf", REPO_ROOT / "tools" / "export_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_writes_peft_adapters_and_on_request_the_merged_model(tmp_path) -> None:
+    base, peft = tiny_peft()
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    optimizer, _ = build_optimizer(peft, 1e-3, 0.0, (0.9, 0.999), 0, 10, 0.0)
+    path = CheckpointManager(tmp_path / "ckpt", keep_last=1).save(
+        1, {"actor": ModelOptimizerState(peft, optimizer)}, hf_config=peft.get_base_model().config,
+        tokenizer=build_tokenizer())
+    tool = load_export_tool()
+    tool.export_hf(path, str(tmp_path / "adapter"))
+    tool.export_hf(path, str(tmp_path / "merged"), merged=True)
+    ids = torch.randint(3, 12, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+        assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
+        assert (base(input_ids=ids).logits - want).abs().max() > 1e-2
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    assert "spmd_rlhf_lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
