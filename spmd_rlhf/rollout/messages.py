@@ -42,7 +42,8 @@ class GroupsMessage:
 
     ``order`` is the training rank's whole list of global group indices (the same from every
     generation rank), ``groups`` maps those this generation rank drew to (token ids, logprobs,
-    finish reasons) of their ``n`` samples, and of the prompt's greedy response (ReMax) or None."""
+    finish reasons) of their ``n`` samples, that of the prompt's greedy response (ReMax) or None,
+    and the samples' loss masks (multi-turn) or None."""
 
     batch: int
     version: int  # policy version of the weights that generated it
@@ -58,27 +59,36 @@ def share(count: int, parts: int, index: int) -> range:
 
 def split_groups(samples: Samples, n: int, first: int, greedy: Samples | None = None) -> dict[int, tuple]:
     """Samples (prompt-major, ``n`` per prompt; ``greedy``: one per prompt) keyed by global group
-    index from ``first``."""
+    index from ``first``: (token ids, logprobs, finish reasons, greedy response, loss masks)."""
     out = {}
     for g in range(len(samples) // n):
         rows = slice(g * n, (g + 1) * n)
         best = None if greedy is None else (greedy.token_ids[g], greedy.logprobs[g], greedy.finish_reasons[g])
-        out[first + g] = (samples.token_ids[rows], samples.logprobs[rows], samples.finish_reasons[rows], best)
+        masks = None if samples.loss_masks is None else samples.loss_masks[rows]
+        out[first + g] = (samples.token_ids[rows], samples.logprobs[rows], samples.finish_reasons[rows], best, masks)
     return out
 
 
 def assemble(order: list[int], groups: dict[int, tuple], examples, n: int) -> tuple[Rollout, Samples | None]:
-    """A training rank's rollout: its groups in ``order`` with their prompts (``examples[g]``), and
-    the greedy responses of those prompts when the groups carry them."""
+    """A training rank's rollout: its groups in ``order`` with their prompts (``examples[g]``) and
+    loss masks (None when no group has any), and the greedy responses of those prompts when the
+    groups carry them."""
     samples, greedy = Samples([], [], []), Samples([], [], [])
+    masks: list[list[int]] = []
+    masked = False
     for g in order:
-        tokens, logprobs, reasons, best = groups[g]
+        tokens, logprobs, reasons, best, *rest = groups[g]  # 4 fields: a batch checkpointed without masks
         samples.token_ids.extend(tokens)
         samples.logprobs.extend(logprobs)
         samples.finish_reasons.extend(reasons)
+        group_masks = rest[0] if rest else None
+        masked = masked or group_masks is not None
+        masks.extend(group_masks if group_masks is not None else [[1] * len(t) for t in tokens])
         if best is not None:
             greedy.token_ids.append(best[0])
             greedy.logprobs.append(best[1])
             greedy.finish_reasons.append(best[2])
+    if masked:
+        samples.loss_masks = masks  # a group without masks (every token generated): all ones
     rollout = Rollout([examples[g] for g in order for _ in range(n)], samples, n)
     return rollout, (greedy if len(greedy) else None)

@@ -4,7 +4,8 @@ The rank follows training rank 0's ``Control`` messages: load the weights that f
 the held-out prompts when asked (tallies to training rank 0), and generate every batch up to
 ``generate_until``: its share of the batch's prompts (every rank walks the same global
 ``PromptLoader``), sampled with per-prompt seeds so that a sample does not depend on which replica
-draws it, sent to the training ranks as dealt by ``deal_mini_batches`` (balanced by tokens within
+draws it (through the tools with ``rollout.multi_turn.enable``: loss masks and the tool metrics
+go along), sent to the training ranks as dealt by ``deal_mini_batches`` (balanced by tokens within
 every mini-batch). Sends do not block generation: with ``trainer.max_staleness`` > 0 the next
 batch is generated while the training ranks update on this one. Every receive is bounded by the
 process group's timeout (``distributed.timeout_s``).
@@ -25,6 +26,7 @@ from .base import RolloutEngine
 from .evaluate import eval_tallies
 from .generation import eval_sampling, sampling_config, step_seed
 from .messages import Control, GroupsMessage, Start, share, split_groups
+from .multi_turn import rollout_samples
 from .sync import CrossWeightSync
 
 
@@ -90,7 +92,7 @@ class GenerationWorker:
         examples = [prompts[i] for i in mine]
         sampling = sampling_config(self.cfg, step_seed(self.cfg, batch, 0))
         start = time.perf_counter()
-        samples = self.engine.generate([e.prompt_ids for e in examples], sampling, seeds=[e.index for e in examples])
+        samples, turn_metrics = rollout_samples(self.cfg, self.engine, self.tokenizer, examples, sampling)
         greedy = None
         if self.cfg.algorithm.adv_estimator == "remax":  # the baseline: each prompt's greedy response
             greedy = self.engine.generate([e.prompt_ids for e in examples], sampling_config(self.cfg, 0, greedy=True),
@@ -101,7 +103,7 @@ class GenerationWorker:
                   for g, value in groups.items()}
         deal = self._deal(tokens, len(prompts))
         generated = float(sum(len(t) for t in samples.token_ids))
-        metrics = {**self.reshard, "rollout/weight_version": float(self.engine.weight_version),
+        metrics = {**self.reshard, **turn_metrics, "rollout/weight_version": float(self.engine.weight_version),
                    "timing/generate/generation_ranks": seconds,
                    "perf/generate_tokens_per_s": generated / max(seconds, 1e-9)}
         sends = []

@@ -48,3 +48,21 @@ def test_replay_keeps_masks_through_mix_and_its_state() -> None:
         assert replaced == 1
         assert [t[0] for t in mixed.samples.token_ids] == [7, 7, 9, 9], "the filtered group 0 is replaced"
         assert mixed.samples.loss_masks == [[1, 0, 1]] * 2 + [[1, 1, 1]] * 2
+
+
+def test_split_placement_messages_carry_masks() -> None:
+    from spmd_rlhf.rollout.messages import assemble, split_groups
+
+    sent = _rollout(7, masked=True).samples
+    sent.loss_masks[2] = [1, 1, 0]  # group 1's first sample
+    groups = split_groups(sent, 2, first=4)
+    examples = {4: _rollout(7, True).examples[0], 5: _rollout(7, True).examples[2]}
+    rollout, greedy = assemble([5, 4], groups, examples, 2)
+    assert greedy is None and [t[1] for t in rollout.samples.token_ids] == [1, 1, 0, 0]
+    assert rollout.samples.loss_masks == [[1, 1, 0], [1, 0, 1], [1, 0, 1], [1, 0, 1]]
+    # a single-turn group (no masks), and one kept in a checkpoint written before masks were sent (4 fields)
+    plain = split_groups(_rollout(8, masked=False).samples, 2, first=0)
+    assert assemble([0, 1], plain, {0: examples[4], 1: examples[5]}, 2)[0].samples.loss_masks is None
+    mixed = {0: plain[0][:4], 5: groups[5]}
+    assert assemble([0, 5], mixed, {0: examples[4], 5: examples[5]}, 2)[0].samples.loss_masks == \
+        [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 1]]

@@ -2,9 +2,9 @@
 what the comparison needs. ``argv``: OUT_PREFIX, then config overrides (as on the command line).
 
 Every training rank saves ``OUT_PREFIX.rank<r>.pt``: each step's groups as it trained on them
-(prompt index, token ids, engine logprobs per sample), the actor's full weights when the RL run
-starts (after the warm start or the resume) and after it, and the run's results; rank 0's
-metrics are in ``OUT_PREFIX/run/metrics.jsonl``.
+(prompt index, token ids, engine logprobs per sample; the loss masks apart), the actor's full
+weights when the RL run starts (after the warm start or the resume) and after it, and the run's
+results; rank 0's metrics are in ``OUT_PREFIX/run/metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from spmd_rlhf.rollout.local import LocalRollouts
 from spmd_rlhf.rollout.remote import RemoteRollouts
 from spmd_rlhf.trainer.loop import Trainer
 
-RECORD: dict = {"samples": {}, "initial": None, "weights": None, "results": None, "resumed_at": None}
+RECORD: dict = {"samples": {}, "masks": {}, "initial": None, "weights": None, "results": None, "resumed_at": None}
 
 
 def recording(next_fn):
@@ -29,6 +29,8 @@ def recording(next_fn):
         rollout, side = next_fn(self, step, timer)
         RECORD["samples"][step] = [(e.index, list(t), list(lp)) for e, t, lp in
                                    zip(rollout.examples, rollout.samples.token_ids, rollout.samples.logprobs)]
+        masks = rollout.samples.loss_masks or [None] * rollout.size
+        RECORD["masks"][step] = [(e.index, m) for e, m in zip(rollout.examples, masks)]
         return rollout, side
     return next
 
