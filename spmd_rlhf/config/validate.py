@@ -93,11 +93,6 @@ def _validate_multi_turn(cfg: Config) -> None:
     if m.enable and cfg.rollout.ignore_eos:
         raise ConfigError("rollout.multi_turn.enable=true with rollout.ignore_eos=true never ends a turn; set "
                           "rollout.ignore_eos=false")
-    # what does not carry the loss masks or the turns yet (it would train on tool output, or score single turns)
-    for unsupported, key in [(cfg.algorithm.adv_estimator == "remax", "another algorithm than remax")]:
-        if m.enable and unsupported:
-            raise ConfigError(f"rollout.multi_turn.enable=true does not work with this yet; set {key}, or "
-                              "rollout.multi_turn.enable=false")
 
 
 def _validate_algorithm_sizes(cfg: Config) -> None:

@@ -68,13 +68,12 @@ class Generation:
     def generate(self, prompts: list[PromptExample], step: int, round_: int = 0) -> Rollout:
         """One round: samples of ``prompts``, scored."""
         sampling = self.sampling(step, round_)
-        seeds = [p.index for p in prompts]
         samples, turn_metrics = rollout_samples(self.cfg, self.engine, self.score.tokenizer, prompts, sampling)
         rollout = Rollout([p for p in prompts for _ in range(sampling.n)], samples, sampling.n)
         rollout.metrics = {**self.score(rollout), **turn_metrics}
-        if self.cfg.algorithm.adv_estimator == "remax":
-            greedy = self.engine.generate([p.prompt_ids for p in prompts], self.sampling(step, round_, greedy=True),
-                                          seeds=seeds)
+        if self.cfg.algorithm.adv_estimator == "remax":  # the greedy response goes through the tools too
+            greedy, _ = rollout_samples(self.cfg, self.engine, self.score.tokenizer, prompts,
+                                        self.sampling(step, round_, greedy=True))
             greedy_baseline(rollout, prompts, greedy, self.score)
         return rollout
 

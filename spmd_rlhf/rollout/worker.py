@@ -95,8 +95,8 @@ class GenerationWorker:
         samples, turn_metrics = rollout_samples(self.cfg, self.engine, self.tokenizer, examples, sampling)
         greedy = None
         if self.cfg.algorithm.adv_estimator == "remax":  # the baseline: each prompt's greedy response
-            greedy = self.engine.generate([e.prompt_ids for e in examples], sampling_config(self.cfg, 0, greedy=True),
-                                          seeds=[e.index for e in examples])
+            greedy, _ = rollout_samples(self.cfg, self.engine, self.tokenizer, examples,
+                                        sampling_config(self.cfg, 0, greedy=True))
         seconds = time.perf_counter() - start
         groups = split_groups(samples, sampling.n, mine.start, greedy)
         tokens = {g: sum(len(examples[g - mine.start].prompt_ids) + len(t) for t in value[0])

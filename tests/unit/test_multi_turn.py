@@ -247,7 +247,6 @@ def test_single_turn_when_disabled_and_config_errors() -> None:
     ({"max_turns": 0}, "rollout.multi_turn.max_turns=0"),
     ({"tool_timeout_s": 0}, "rollout.multi_turn.tool_timeout_s=0"),
     ({"ignore_eos": True}, "rollout.ignore_eos=false"),
-    ({"remax": True}, "remax"),
 ])
 def test_config_mistakes_name_the_key(override: dict, key: str) -> None:
     from spmd_rlhf.config import validate
@@ -258,8 +257,6 @@ def test_config_mistakes_name_the_key(override: dict, key: str) -> None:
     cfg.rollout.multi_turn.max_turns = override.get("max_turns", 5)
     cfg.rollout.multi_turn.tool_timeout_s = override.get("tool_timeout_s", 30.0)
     cfg.rollout.ignore_eos = override.get("ignore_eos", False)
-    if override.get("remax"):
-        cfg.algorithm.adv_estimator = "remax"
     with pytest.raises(ConfigError, match=key):
         validate(cfg, world_size=1)
 
@@ -273,6 +270,35 @@ def test_group_picking_takes_multi_turn() -> None:
     cfg.algorithm.dynamic_sampling.enable = True
     cfg.algorithm.filter.replay_capacity, cfg.algorithm.filter.replay_fraction = 8, 0.25
     validate(cfg, world_size=1)
+
+
+class EndsWithTruth:
+    """A rule scorer: 1.0 for a text that ends with the ground truth."""
+
+    def score(self, sources, texts, truths, extras):
+        return [float(t.endswith(g)) for t, g in zip(texts, truths)], {}
+
+
+def test_remax_greedy_baseline_goes_through_the_tools() -> None:
+    from spmd_rlhf.rollout.generation import Generation
+    from spmd_rlhf.rollout.scoring import Scoring
+
+    cfg = Config()
+    cfg.rollout.multi_turn.enable, cfg.rollout.multi_turn.tools = True, ["calculator"]
+    cfg.algorithm.adv_estimator, cfg.rollout.n, cfg.rollout.max_new_tokens = "remax", 2, 40
+    prompt, first = "437+548=", call("437+548")
+    # the sampled pair answers at once (one right); the greedy response calls the calculator, then answers
+    engine = ScriptedEngine({prompt: ["984" + EOS, "985" + EOS, first + EOS],
+                             prompt + first + "<tool_response>985</tool_response>": ["985" + EOS]})
+    row = PromptExample(ids(prompt), "arithmetic", "985", {}, 0)
+    rollout = Generation(cfg, None, engine, None, Scoring(cfg, TOK, EndsWithTruth())).generate([row], step=0)
+    assert rollout.rewards.tolist() == [0.0, 1.0]
+    assert [c[1].temperature for c in engine.calls] == [cfg.rollout.temperature, 0.0, 0.0], "greedy: 2 turns"
+    assert rollout.greedy_rewards.tolist() == [1.0], "the greedy answer after the tool's result is scored"
+    assert rollout.metrics["reward/greedy_baseline"] == 1.0
+    from spmd_rlhf.config import validate
+
+    validate(cfg, world_size=1)  # ReMax takes multi-turn rollouts: no refusal
 
 
 QWEN_LIKE_TEMPLATE = (  # the message loop of Qwen2.5's template (tool results as a user turn of <tool_response>s)
