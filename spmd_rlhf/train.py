@@ -34,7 +34,6 @@ from .distributed.topology import Topology, init_distributed, read_launch_env, s
 from .models.build import build_models, build_reference
 from .models.heads import build_critic, check_model_dir, load_reward_model
 from .models.load import eos_token_ids, load_tokenizer, max_positions, model_config
-from .models.lora import fold_adapters
 from .plot import write_dashboard
 from .rewards.build import build_scorer
 from .rewards.model import RewardModel
@@ -51,6 +50,7 @@ from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
 from .trainer.checkpoint import CheckpointError, CheckpointManager
 from .trainer.preemption import PreemptionHandler
+from .trainer.console import quiet_libraries
 from .trainer.critic import Critic
 from .trainer.experience import uses_reference
 from .trainer.loop import Trainer, TrainerParts
@@ -150,10 +150,8 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
                                  topo.dp_size, topo.device, tokenizer.pad_token_id, cfg.trainer.grad_clip)
         logger.log(0, metrics, advance=False)
     algo, t = cfg.algorithm, cfg.trainer
-    # LoRA: the reference is the actor with its adapters disabled (the warm start folded into it), no second model
+    # LoRA: the reference is the actor with its adapters disabled, no second model
     lora = cfg.model.lora.rank > 0
-    if lora and cfg.trainer.sft.steps > 0 and not resuming:
-        fold_adapters(actor_model)
     reference = build_reference(actor_model, hf_config, topo) if needs_reference(cfg) and not lora else None
     updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
     optimizer, scheduler = build_optimizer(actor_model, t.lr, t.weight_decay, t.betas, t.warmup_steps, updates,
@@ -178,7 +176,10 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
                               mini_batch=t.mini_batch_size)
         rollouts = LocalRollouts(cfg, topo, engine, WeightSync(engine, actor_model, topo, bucket_bytes),
                                  Generation(cfg, topo, engine, loader, score), val, offload)
-    parts = TrainerParts(tokenizer, actor, rollouts, loader, logger, val, reference=reference, critic=critic)
+    # from model.path, this function rebuilds the reference a resume needs (the actor's weights before the
+    # checkpoint loads); the embedded model's is its warm start, which only the checkpoint keeps
+    parts = TrainerParts(tokenizer, actor, rollouts, loader, logger, val, reference=reference, critic=critic,
+                         reference_in_checkpoint=cfg.model.path is None)
     return Trainer(cfg, topo, parts)
 
 
@@ -238,19 +239,21 @@ def check_reward_model(cfg: Config, tokenizer) -> None:
 
 
 def report(results: dict[str, dict[str, float]], logger: MetricsLogger) -> None:
-    before, after = results.get("before", {}), results.get("after", {})
-    keys = sorted(k for k in set(before) | set(after) if k.endswith("/accuracy"))
+    """The held-out table: the columns of the evaluations that ran (``before``: fresh runs with
+    ``trainer.eval_before``; ``after``: ``trainer.eval_after``), the change when both did."""
+    columns = [(name, results[name]) for name in ("before", "after") if results.get(name)]
+    keys = sorted({k for _, values in columns for k in values if k.endswith("/accuracy")})
     if not keys:
         return
     width = max(len(k) for k in keys)
-    if not before:  # a resumed run: no evaluation before its first step
-        lines = [f"{'held-out':<{width}}   after"] + [f"{key:<{width}}  {after.get(key, float('nan')):6.3f}" for key in keys]
-        logger.write("\n".join(lines))
-        return
-    lines = [f"{'held-out':<{width}}  before   after   change"]
+    both = len(columns) == 2
+    lines = [f"{'held-out':<{width}}" + "".join(f"  {name:>6}" for name, _ in columns) + ("   change" if both else "")]
     for key in keys:
-        b, a = before.get(key, float("nan")), after.get(key, float("nan"))
-        lines.append(f"{key:<{width}}  {b:6.3f}  {a:6.3f}  {100 * (a - b):+6.1f} pts")
+        cells = "".join(f"  {values[key]:6.3f}" if key in values else "       -" for _, values in columns)
+        change = ""
+        if both and all(key in values for _, values in columns):
+            change = f"  {100 * (columns[1][1][key] - columns[0][1][key]):+6.1f} pts"
+        lines.append(f"{key:<{width}}{cells}{change}")
     logger.write("\n".join(lines))
 
 
@@ -315,19 +318,23 @@ def train_on(topo: Topology, cfg: Config, run_dir: str, tokenizer, train, val, s
     use_training_group(group)
     lg = cfg.logging
     logger = MetricsLogger(run_dir, topo.is_main, cfg.trainer.total_steps, lg, config_dict, lg.console,
-                           lg.progress_bar, group=group)
+                           lg.progress_bar, group=group, label=cfg.algorithm.name)
     generation = f"{len(topo.gen_ranks)} generation ranks" if topo.placement == "split" else "colocated generation"
     logger.write(f"spmd_rlhf: world {topo.world_size} ({topo.backend}), train mesh {tuple(topo.train_mesh.shape)},"
                  f" {generation}, tp {topo.tp}, {len(train)} train / {len(val)} held-out prompts, run dir {run_dir}")
     checkpoints = CheckpointManager(cfg.trainer.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
                                     cfg.trainer.keep_last, process_group=group)
     resume_path = broadcast_from_rank_zero(checkpoints.resolve(cfg.trainer.resume), group)
+    if resume_path is None and cfg.trainer.resume == "auto":
+        logger.write(f"spmd_rlhf: trainer.resume=auto found no checkpoint in {checkpoints.checkpoint_dir}; "
+                     "starting fresh at step 0")
     trainer = build_trainer(cfg, topo, tokenizer, train, val, scorer, logger, resuming=resume_path is not None)
     try:
         if resume_path is not None:
             info = checkpoints.load(resume_path, trainer.checkpoint_state())
             trainer.state.saved_step = info.step
             logger.write(f"spmd_rlhf: resumed from {info.path} (step {info.step}, saved by {info.world_size} ranks)")
+        logger.start(trainer.step)
         with PreemptionHandler(process_group=group) as preemption:
             results = trainer.run(checkpoints, preemption)
         report(results, logger)
@@ -353,6 +360,7 @@ def forget_locals(err: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)
+    quiet_libraries(cfg.logging.verbose, read_launch_env().rank == 0)
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         run(cfg, run_dir, OmegaConf.to_container(dcfg, resolve=True))

@@ -283,8 +283,9 @@ class TrainerConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     seed: int = 0
-    save_every: int = 0  # 0 = never
-    resume: str = "never"  # auto | never | PATH
+    save_every: int = 0  # a checkpoint every N steps; 0 = none before the end
+    save_at_end: bool = True  # a checkpoint after the last step (whatever save_every); false = none at the end
+    resume: str = "never"  # auto (the newest checkpoint of checkpoint_dir, else a fresh start) | never | PATH
     offload_actor_during_rollout: bool = False  # CUDA: actor + optimizer state in host memory while generating
     # FSDP2 CPUOffloadPolicy: the actor's shards, gradients and optimizer state (and the reference's shards) live
     # in host memory, one layer at a time on the device in its pass (implies offload_actor_during_rollout's effect)
@@ -306,8 +307,9 @@ class LoggingConfig:
     wandb: bool = False
     project: str = "spmd_rlhf"
     run_name: str | None = None
-    console: bool = True
-    progress_bar: bool = True
+    console: bool = True  # rank 0 prints its messages (and, without the progress bar, a line per step)
+    progress_bar: bool = True  # rank 0's bar: algorithm, step, reward, KL, tokens/s
+    verbose: bool = False  # vLLM, NCCL and transformers logs at INFO (default: WARNING and above, no loading bars)
 
 
 @dataclass

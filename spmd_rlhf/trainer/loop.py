@@ -53,6 +53,8 @@ class TrainerParts:
     val_examples: list[PromptExample]
     reference: torch.nn.Module | None = None
     critic: Any = None  # Critic
+    # False where a resume rebuilds the frozen reference as it was (from model.path, before the checkpoint loads)
+    reference_in_checkpoint: bool = True
 
 
 class Timer:
@@ -102,7 +104,8 @@ class Trainer:
                  "trainer": Counters(self.state, self.loader, self.kl_control, self.non_finite, actor, self.critic,
                                      self.rollouts),
                  "rng": RNGState()}
-        if self.reference is not None:  # the frozen policy of step 0: rebuilding it would copy the resumed actor
+        if self.reference is not None and self.parts.reference_in_checkpoint:  # the frozen policy of step 0, when
+            # nothing else rebuilds it (the embedded model's warm start); from model.path a resume rebuilds it
             state["reference"] = ModelOptimizerState(self.reference)
         if self.critic is not None:
             state["critic"] = ModelOptimizerState(self.critic.model, self.critic.optimizer, self.critic.scheduler)
@@ -230,8 +233,9 @@ class Trainer:
             preemption: PreemptionHandler | None = None) -> dict[str, dict[str, float]]:
         """Train up to ``trainer.total_steps`` steps (from ``self.step``, which a resume sets);
         returns held-out metrics before (fresh runs only) and after. ``trainer.val_every`` adds
-        held-out evaluations; checkpoints are saved every ``trainer.save_every`` steps, at the end,
-        and when a preemption signal arrives (then the run stops early, without the final eval).
+        held-out evaluations; checkpoints are saved every ``trainer.save_every`` steps, at the end
+        (``trainer.save_at_end``), and when a preemption signal arrives (then the run stops early,
+        without the final eval).
         After every step the rollouts get the new weights when they need them (split placement)."""
         t, total = self.cfg.trainer, self.cfg.trainer.total_steps
         results: dict[str, dict[str, float]] = {}
@@ -259,7 +263,7 @@ class Trainer:
                     self.save(checkpoints)
                 results["preempted"] = {"step": float(self.step)}
                 return results
-        if checkpoints is not None and t.save_every and self.state.saved_step != self.step:
+        if checkpoints is not None and t.save_at_end and self.state.saved_step != self.step:
             self.save(checkpoints)
         if self.evaluation_due(False):
             results["after"] = self.logger.log(self.step, self.evaluate(), advance=False)
