@@ -8,6 +8,7 @@ loss against the actor with its adapters disabled) gains at least 10 held-out po
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -53,3 +54,21 @@ def test_lora_gains_held_out_accuracy(tmp_path):
     assert all(0 <= r["actor/kl_loss"] < 1.0 for r in steps) and steps[-1]["actor/kl_loss"] > 0
     assert all(r["rollout/logprob_diff"] < 1e-4 for r in steps), max(r["rollout/logprob_diff"] for r in steps)
     assert steps[-1]["rollout/weight_version"] > steps[0]["rollout/weight_version"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_lora_merged_sync_into_vllm(tmp_path):
+    """vLLM (whole tensors, its own names) gets the merged weights: its log-probs are the actor's
+    while the adapters move (an entropy bonus moves them whatever the rewards of the untrained
+    model; the KL to the adapters-disabled actor grows from 0)."""
+    run_dir = tmp_path / "run"
+    torchrun(["-m", "spmd_rlhf.train", f"hydra.run.dir={run_dir}", "logging.progress_bar=false",
+              "rollout.engine=vllm", "model.num_heads=2", "trainer.sft.steps=0", "model.lora.rank=8",
+              "trainer.lr=3e-3", "trainer.total_steps=3", "model.activation_checkpointing=true",
+              "algorithm.entropy_coef=0.05"],
+             nproc=2, timeout=480, cwd=tmp_path, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    steps = [r for r in _records(run_dir / "metrics.jsonl") if "reward/mean" in r]
+    assert len(steps) == 3 and steps[-1]["actor/kl_loss"] > 0
+    assert max(r["rollout/logprob_diff"] for r in steps) < 1e-4
