@@ -34,6 +34,7 @@ from .distributed.topology import Topology, init_distributed, read_launch_env, s
 from .models.build import build_models, build_reference
 from .models.heads import build_critic, check_model_dir, load_reward_model
 from .models.load import eos_token_ids, load_tokenizer, max_positions, model_config
+from .models.lora import fold_adapters
 from .plot import write_dashboard
 from .rewards.build import build_scorer
 from .rewards.model import RewardModel
@@ -150,8 +151,10 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
                                  topo.dp_size, topo.device, tokenizer.pad_token_id, cfg.trainer.grad_clip)
         logger.log(0, metrics, advance=False)
     algo, t = cfg.algorithm, cfg.trainer
-    # LoRA: the reference is the actor with its adapters disabled, no second model
+    # LoRA: the reference is the actor with its adapters disabled (the warm start folded into it), no second model
     lora = cfg.model.lora.rank > 0
+    if lora and cfg.trainer.sft.steps > 0 and not resuming:
+        fold_adapters(actor_model)
     reference = build_reference(actor_model, hf_config, topo) if needs_reference(cfg) and not lora else None
     updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
     optimizer, scheduler = build_optimizer(actor_model, t.lr, t.weight_decay, t.betas, t.warmup_steps, updates,
