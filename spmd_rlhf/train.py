@@ -42,6 +42,7 @@ from .rewards.registry import RewardScorer
 from .rollout.build import build_engine
 from .rollout.generation import Generation
 from .rollout.local import LocalRollouts
+from .rollout.multi_turn import check_multi_turn
 from .rollout.remote import RemoteRollouts
 from .rollout.scoring import Scoring
 from .rollout.sync import CrossWeightSync, WeightSync, bucket_bytes_of
@@ -290,6 +291,7 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
         train, val = load_data(cfg, tokenizer)
         scorer = build_scorer(cfg.reward)
         check_reward_model(cfg, tokenizer)
+        check_multi_turn(cfg, tokenizer)
         if len(train) < cfg.trainer.batch_size:
             raise ConfigError(f"only {len(train)} usable training prompts, fewer than trainer.batch_size="
                               f"{cfg.trainer.batch_size}; lower trainer.batch_size or add data")
