@@ -185,6 +185,10 @@ def test_worker_killed_while_idle_is_replaced(pool: SandboxPool) -> None:
     deadline = time.monotonic() + 5.0  # every thread gone and its pipes closed (a zombie leader can come first)
     while time.monotonic() < deadline and os.path.exists(f"/proc/{victim}/fd") and os.listdir(f"/proc/{victim}/fd"):
         time.sleep(0.02)
+    # a job handed to the dead worker before the pool saw it die says so (sandbox_error), once at most
+    first = pool.run_many([Program("print(1)")] * 4)
+    lost = [o for o in first if o.status is Status.SANDBOX_ERROR]
+    assert len(lost) <= 1 and all("worker died" in o.stderr for o in lost), first
     outcomes = pool.run_many([Program("print(1)")] * 4)
     assert [o.stdout for o in outcomes] == ["1\n"] * 4, outcomes
     assert victim not in pool.worker_pids()
