@@ -1,0 +1,98 @@
+"""Write a random-init Hugging Face model directory small enough for CPU tests, made offline.
+
+    .venv/bin/python tools/make_tiny_model.py qwen3_moe outputs/tiny_qwen3_moe
+    .venv/bin/python -m spmd_rlhf.train recipe=tiny_qwen3_moe    # reads outputs/tiny_qwen3_moe
+
+Families: ``qwen2`` (dense, q/k/v biases, tied embeddings) and ``qwen3_moe`` (Qwen3-MoE: 4 experts,
+top-2 routing, per-head q/k norms, untied head). The directory holds ``config.json``,
+``model.safetensors`` (fp32, in the checkpoint layout Hugging Face and vLLM load) and the
+embedded task's character tokenizer (digits, ``+``, ``=``, pad, eos; ``tasks/arithmetic.py``),
+so the embedded addition task runs on it with nothing downloaded. Head size 32 (what vLLM's CPU
+attention supports). The same ``--seed`` writes the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spmd_rlhf.tasks import arithmetic  # noqa: E402
+
+FAMILIES = ("qwen2", "qwen3_moe")
+
+
+def tiny_config(family: str, tokenizer):
+    """The family's config at test size: 2 layers, hidden 64, 2 heads of 32, 64 positions."""
+    from transformers import Qwen2Config, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        dtype="float32",
+    )
+    if family == "qwen2":
+        return Qwen2Config(intermediate_size=192, tie_word_embeddings=True, use_sliding_window=False, **common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            head_dim=32,
+            intermediate_size=128,  # dense MLP layers only (none here: every layer is sparse)
+            moe_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            router_aux_loss_coef=0.001,
+            tie_word_embeddings=False,
+            **common,
+        )
+    raise SystemExit(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+@torch.no_grad()
+def spread_router(model: torch.nn.Module, std: float = 0.5) -> None:
+    """Router weights N(0, std): HF's init leaves them near zero, so every token would tie between
+    experts; spread routers make the top-k choice depend on the token, as in a trained model."""
+    for name, param in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            param.normal_(0.0, std)
+
+
+def make_tiny_model(family: str, out: str, seed: int = 0) -> str:
+    """Write ``family``'s tiny random model, its config and tokenizer to ``out``; returns ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = arithmetic.build_tokenizer()
+    config = tiny_config(family, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    spread_router(model)
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("out", help="the directory to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(make_tiny_model(args.family, args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()
