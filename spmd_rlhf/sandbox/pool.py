@@ -24,6 +24,7 @@ from .types import Call, Outcome, Program, SandboxLimits, Status
 _PROGRAM_GRACE_S = 5.0  # the worker enforces a program's timeout; the pool steps in this much later
 _START_TIMEOUT_S = 60.0
 _MAX_START_FAILURES = 3
+_MAX_RETRIES = 2  # times a job goes to a fresh worker after its worker died before accepting it
 
 
 class _State(enum.Enum):
@@ -43,7 +44,18 @@ class _Worker:
     state: _State = _State.STARTING
     deadline: float = 0.0
     job: int = -1
+    accepted: bool = False  # the worker read its job (one lost before that never started and is retried)
     network_isolated: bool = False
+
+
+@dataclass
+class _Batch:
+    """One ``run_many`` call: its jobs, their outcomes so far, the jobs not yet handed out."""
+
+    jobs: Sequence[Program | Call]
+    results: list[Outcome | None]
+    pending: deque[int]
+    retries: dict[int, int]
 
 
 def _close_fd(worker: _Worker, attr: str) -> None:
@@ -125,7 +137,8 @@ class SandboxPool:
         os.makedirs(workdir, mode=0o711, exist_ok=True)
         uid = None if self._uid_base is None else self._uid_base - index
         settings = json.dumps({**self._settings, "uid": uid})
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        path = [p or os.getcwd() for p in sys.path]  # "" (the caller's directory) too: workers run elsewhere
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         log_path = os.path.join(self._base, f"w{index}.log")
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -168,7 +181,7 @@ class SandboxPool:
     def _await_start(self) -> None:
         failures: list[str] = []
         while any(w.state is _State.STARTING for w in self._workers):
-            self._serve([], [], failures)
+            self._serve(_Batch([], [], deque(), {}), failures)
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -185,49 +198,60 @@ class SandboxPool:
             return job.timeout_s
         return (job.limits or limits).timeout_s + _PROGRAM_GRACE_S
 
-    def _assign(self, jobs: Sequence[Program | Call], pending: deque[int], results: list) -> None:
+    def _assign(self, batch: _Batch) -> None:
         for worker in list(self._workers):
-            if worker.state is not _State.IDLE or not pending:
+            if worker.state is not _State.IDLE or not batch.pending:
                 continue
-            index = pending.popleft()
+            index = batch.pending.popleft()
             try:
-                payload = encode(self._request(jobs[index]))
+                payload = encode(self._request(batch.jobs[index]))
             except (TypeError, ValueError) as exc:  # arguments JSON cannot carry
-                results[index] = Outcome(Status.SANDBOX_ERROR, stderr=f"cannot send the job: {exc}")
+                batch.results[index] = Outcome(Status.SANDBOX_ERROR, stderr=f"cannot send the job: {exc}")
                 continue
             try:
                 write_all(worker.request_fd, payload)
             except OSError:  # it died while idle: start another, retry the job
-                pending.appendleft(index)
+                batch.pending.appendleft(index)
                 self._replace(worker)
                 continue
-            worker.state, worker.job = _State.BUSY, index
-            worker.deadline = time.monotonic() + self._budget(jobs[index], self.limits)
+            worker.state, worker.job, worker.accepted = _State.BUSY, index, False
+            worker.deadline = time.monotonic() + self._budget(batch.jobs[index], self.limits)
 
-    def _finish(self, worker: _Worker, message: dict | None, jobs, results: list) -> None:
+    def _lost(self, worker: _Worker, index: int, batch: _Batch) -> None:
+        """``worker`` died during job ``index``: retry a job it never read, else report the death."""
+        if not worker.accepted and batch.retries.get(index, 0) < _MAX_RETRIES:
+            batch.retries[index] = batch.retries.get(index, 0) + 1
+            batch.pending.appendleft(index)  # it died while idle, before the pool saw it: not the job's doing
+        else:
+            reason = f"sandbox worker died (exit code {worker.proc.wait()}): {self._log_tail(worker)}"
+            batch.results[index] = Outcome(Status.SANDBOX_ERROR, stderr=reason)
+        self._replace(worker)
+
+    def _finish(self, worker: _Worker, message: dict | None, batch: _Batch) -> None:
+        if message is not None and message.get("accepted"):
+            worker.accepted = True
+            return
         index = worker.job
         worker.state, worker.job = _State.IDLE, -1
         if message is None:
-            reason = f"sandbox worker died (exit code {worker.proc.wait()}): {self._log_tail(worker)}"
-            results[index] = Outcome(Status.SANDBOX_ERROR, stderr=reason)
-            self._replace(worker)
+            self._lost(worker, index, batch)
             return
-        results[index] = Outcome(
+        batch.results[index] = Outcome(
             Status(message["status"]), stdout=message.get("stdout", ""), stderr=message.get("stderr", ""),
             duration_s=float(message.get("duration_s", 0.0)), exit_code=message.get("exit_code"),
             value=message.get("value"))
 
-    def _expire(self, worker: _Worker, jobs, results: list) -> None:
+    def _expire(self, worker: _Worker, batch: _Batch) -> None:
         now = time.monotonic()
         if worker.state is _State.BUSY and now >= worker.deadline:
-            budget = self._budget(jobs[worker.job], self.limits)
-            results[worker.job] = Outcome(Status.TIMEOUT, stderr=f"killed after {budget:.3g} s", duration_s=budget)
+            budget = self._budget(batch.jobs[worker.job], self.limits)
+            batch.results[worker.job] = Outcome(Status.TIMEOUT, stderr=f"killed after {budget:.3g} s", duration_s=budget)
             worker.state = _State.IDLE
             self._replace(worker)
         elif worker.state is _State.STARTING and now >= worker.deadline:
             raise RuntimeError(f"a sandbox worker did not start in {_START_TIMEOUT_S} s: {self._log_tail(worker)}")
 
-    def _serve(self, jobs: Sequence[Program | Call], results: list, failures: list[str]) -> None:
+    def _serve(self, batch: _Batch, failures: list[str]) -> None:
         """Wait for one round of messages or deadlines and handle them."""
         waiting = {w.result_fd: w for w in self._workers if w.state in (_State.STARTING, _State.BUSY)}
         if not waiting:
@@ -242,25 +266,24 @@ class SandboxPool:
             if worker.state is _State.STARTING:
                 self._on_hello(worker, message, failures)
             else:
-                self._finish(worker, message, jobs, results)
+                self._finish(worker, message, batch)
         for worker in list(self._workers):
-            self._expire(worker, jobs, results)
+            self._expire(worker, batch)
 
     def run_many(self, jobs: Sequence[Program | Call]) -> list[Outcome]:
         """Run ``jobs`` on the workers in parallel; one Outcome per job, in order. Never raises for a job."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("SandboxPool is closed")
-            results: list[Outcome | None] = [None] * len(jobs)
-            pending = deque(range(len(jobs)))
+            batch = _Batch(jobs, [None] * len(jobs), deque(range(len(jobs))), {})
             failures: list[str] = []
-            while pending or any(w.state is not _State.IDLE for w in self._workers):
+            while batch.pending or any(w.state is not _State.IDLE for w in self._workers):
                 if self._closed:  # closed from another thread: what did not finish gets no result
                     gone = Outcome(Status.SANDBOX_ERROR, stderr="SandboxPool closed during the call")
-                    return [gone if r is None else r for r in results]
-                self._assign(jobs, pending, results)
-                self._serve(jobs, results, failures)
-            return results  # type: ignore[return-value]
+                    return [gone if r is None else r for r in batch.results]
+                self._assign(batch)
+                self._serve(batch, failures)
+            return batch.results  # type: ignore[return-value]
 
     def run(self, code: str, stdin: str = "", limits: SandboxLimits | None = None) -> Outcome:
         """Run one program (see Program)."""

@@ -42,6 +42,7 @@ class Status(str, enum.Enum):
     TIMEOUT = "timeout"  # wall clock or CPU time ran out
     MEMORY = "memory"  # MemoryError under the address-space limit
     OUTPUT_TRUNCATED = "output_truncated"  # stdout or stderr passed max_output_bytes; the program was killed
+    ABORTED = "aborted"  # a Call raised a BaseException that is no Exception (SystemExit, KeyboardInterrupt, ...)
     SANDBOX_ERROR = "sandbox_error"  # the worker itself failed (crashed, could not start); it is replaced
 
 

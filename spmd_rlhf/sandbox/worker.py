@@ -2,7 +2,8 @@
 
 Run as ``python -m spmd_rlhf.sandbox.worker <request fd> <result fd> <settings json>``. It leaves the
 network (when allowed), becomes the reaper of its orphaned descendants, imports the preload modules,
-says hello, then answers requests until its request pipe closes or its parent dies.
+says hello, then answers requests until its request pipe closes or its parent dies: for each one an
+``accepted`` note as soon as it is read (the pool retries a job lost before it), then the result.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def run_call(request: dict[str, Any]) -> dict[str, Any]:
         result = {"status": "ok", "value": value}
     except MemoryError:
         result = {"status": "memory", "stderr": "MemoryError"}
-    except BaseException:
+    except Exception:
         result = {"status": "error", "stderr": traceback.format_exc()[-4000:]}
+    except BaseException:  # SystemExit, KeyboardInterrupt, ...: the caller should stop, not score on
+        result = {"status": "aborted", "stderr": traceback.format_exc()[-4000:]}
     kill_tree(os.getpid(), include_root=False)
     reap_all()
     result["duration_s"] = time.monotonic() - start
@@ -78,6 +81,7 @@ def main(argv: list[str]) -> int:
         request = recv(request_fd)
         if request is None:
             break
+        send(result_fd, {"accepted": True})  # from here on, a death of this worker is the job's doing
         try:
             result = run_program(request, uid) if request["kind"] == "program" else run_call(request)
         except Exception:  # the worker's own failure (no directory, no fork): report it, keep serving
