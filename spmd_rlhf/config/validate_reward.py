@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from .checks import choice, positive
-from .schema import CODE_SCORES, Config, ConfigError
+from .schema import CODE_SCORES, Config
 
 
 def validate_reward(cfg: Config) -> None:
@@ -22,7 +22,3 @@ def validate_reward(cfg: Config) -> None:
     for key, value in [("reward.sandbox.workers", s.workers), ("reward.sandbox.cpu_s", s.cpu_s)]:
         if value is not None:
             positive(value, key)
-    if s.custom_function and r.custom_function is None:
-        raise ConfigError("reward.sandbox.custom_function=true runs reward.custom_function in the sandbox, but "
-                          "reward.custom_function is not set; set reward.custom_function='package.module:function' "
-                          "or reward.sandbox.custom_function=false")

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..sandbox import SandboxLimits
 from .sandboxed import (CODE_SCORES, PlanFn, RewardContext, RewardPlan, RewardTimedOut, SandboxRunner,
-                        plan_custom, run_plan)
+                        plan_custom, portable_path, run_plan)
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +203,11 @@ class RewardScorer:
     Code and math sources are scored in sandbox pools (started on first use; ``close()`` ends them):
     ``sandbox_limits`` bound each test program, ``sandbox_workers`` is the size of each pool,
     ``code_score`` is "fraction" or "all_pass", ``math_timeout_s`` bounds one math-verify check.
-    With ``sandbox_custom`` the custom function runs in sandbox workers too (a batch in parallel, killed
-    with every process it started at ``timeout_s``; its result must be a number or a dict of them).
+    With ``sandbox_custom`` (the default) the custom function runs in sandbox workers too (a batch in
+    parallel, killed with every process it started at ``timeout_s``, under ``sandbox_limits.memory_mb``
+    of address space; its result must be a number or a dict of them). An Exception it raises scores
+    0.0 (logged with its message); a BaseException that is no Exception stops the run (RewardAborted),
+    as it does when the function runs in this process (``sandbox_custom=False``).
 
     A call that raises, returns a non-finite or non-numeric value, or runs past ``timeout_s`` scores
     0.0 and is counted in ``reward/errors`` or ``reward/timeouts``.
@@ -218,13 +221,13 @@ class RewardScorer:
     def __init__(
         self, custom_function: str | None, timeout_s: float, default_source: str | None = None, *,
         sandbox_limits: SandboxLimits | None = None, sandbox_workers: int | None = None,
-        code_score: str = "fraction", math_timeout_s: float = 5.0, sandbox_custom: bool = False,
+        code_score: str = "fraction", math_timeout_s: float = 5.0, sandbox_custom: bool = True,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0 seconds")
         self.timeout_s = float(timeout_s)
         self.custom_fn = load_function(custom_function) if custom_function else None
-        self.custom_function = custom_function
+        self.custom_function = portable_path(custom_function) if custom_function else None
         self.sandbox_custom = sandbox_custom  # the custom function runs in the sandbox, not in this process
         if default_source is not None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,26 @@ class RewardPlan:
 
 
 PlanFn = Callable[[str, str, "dict | None", RewardContext], RewardPlan]
+
+
+class RewardAborted(BaseException):
+    """A sandboxed user reward raised a BaseException that is no Exception: the run stops with its
+    message, as it would had the function run in the trainer's process."""
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a traceback: the exception's type and message."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def portable_path(path: str) -> str:
+    """``reward.custom_function`` as a sandbox worker (another working directory) finds it: a file
+    path made absolute; a module path as it is."""
+    target, _, attr = path.rpartition(":")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        return f"{os.path.abspath(target)}:{attr}"
+    return path
 
 
 class RewardTimedOut(Exception):
@@ -81,8 +102,11 @@ def plan_custom(path: str, timeout_s: float, data_source: str, solution_str: str
         (outcome,) = outcomes
         if outcome.status is Status.TIMEOUT:
             raise RewardTimedOut(f"reward.timeout_s={timeout_s}")
+        if outcome.status is Status.ABORTED:
+            raise RewardAborted(f"{_last_line(outcome.stderr)} (in the reward sandbox)\n{outcome.stderr[-2000:]}")
         if not outcome.ok:
-            raise RuntimeError(f"{outcome.status.value} in the sandbox: {outcome.stderr[-1000:]}")
+            raise RuntimeError(f"{_last_line(outcome.stderr) or outcome.status.value} (reward sandbox: "
+                               f"{outcome.status.value})\n{outcome.stderr[-1000:]}")
         return outcome.value
 
     return RewardPlan([job], finish)

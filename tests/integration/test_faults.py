@@ -49,6 +49,7 @@ def test_a_rank_that_raises_stops_every_rank_with_its_message(tmp_path):
     run_dir = tmp_path / "run"
     reward = f"{Path(reward_raises_on_rank1.__file__)}:reward"
     job = Job([*SHORT, f"hydra.run.dir={run_dir}", "trainer.total_steps=20", f"reward.custom_function={reward}",
+               "reward.sandbox.custom_function=false",  # its call count is per process
                f"distributed.timeout_s={COLLECTIVE_TIMEOUT_S}"], 2, tmp_path / "job.log")
     rc = job.wait(JOB_TIMEOUT)
     ended = time.time()

@@ -50,12 +50,10 @@ def test_unset_workers_and_cpu_seconds_are_valid() -> None:
     validate(cfg, 1)
 
 
-def test_sandboxed_custom_function_needs_one() -> None:
+def test_user_rewards_run_in_the_sandbox_by_default() -> None:
     cfg = Config()
-    cfg.reward.sandbox.custom_function = True
-    with pytest.raises(ConfigError, match=r"reward\.sandbox\.custom_function=true .* reward\.custom_function is "
-                                          r"not set"):
-        validate(cfg, 1)
+    assert cfg.reward.sandbox.custom_function is True
+    validate(cfg, 1)  # no effect (and no complaint) without reward.custom_function
     cfg.reward.custom_function = "my_rewards:score"
     validate(cfg, 1)
 
@@ -103,16 +101,18 @@ def test_built_scorer_scores_code_as_configured(code_score: str, expected: list[
     assert scores == pytest.approx(expected, abs=1e-9) and metrics["reward/errors"] == 0.0
 
 
-@pytest.mark.parametrize("in_sandbox", [True, False])
-def test_custom_function_runs_in_the_sandbox_when_asked(tmp_path: Path, in_sandbox: bool) -> None:
+@pytest.mark.parametrize("in_sandbox", [None, False])
+def test_custom_function_runs_in_the_sandbox_unless_turned_off(tmp_path: Path, in_sandbox: bool | None) -> None:
     path = tmp_path / "my_reward.py"
     path.write_text(CUSTOM)
     cfg = Config()
-    cfg.reward.custom_function, cfg.reward.sandbox.custom_function = f"{path}:elsewhere", in_sandbox
+    cfg.reward.custom_function = f"{path}:elsewhere"
+    if in_sandbox is not None:  # None: the default
+        cfg.reward.sandbox.custom_function = in_sandbox
     cfg.reward.sandbox.workers = 1
     scorer = build_scorer(cfg.reward)
     try:
         scores, metrics = scorer.score(["mine"], ["answer"], [str(os.getpid())], [None])
     finally:
         scorer.close()
-    assert scores == [1.0 if in_sandbox else 0.0] and metrics["reward/errors"] == 0.0
+    assert scores == [0.0 if in_sandbox is False else 1.0] and metrics["reward/errors"] == 0.0

@@ -105,24 +105,26 @@ def test_scorer_unknown_source_uses_default_only_when_asked() -> None:
         RewardScorer(None, 5.0, default_source="mystery")
 
 
-def test_scorer_counts_raising_and_bad_values(custom: str, caplog: pytest.LogCaptureFixture) -> None:
-    scores, metrics = _score(RewardScorer(f"{custom}:raises", 5.0), ["a", "b"])
+@pytest.mark.parametrize("in_sandbox", [True, False])
+def test_scorer_counts_raising_and_bad_values(custom: str, caplog: pytest.LogCaptureFixture, in_sandbox: bool) -> None:
+    scores, metrics = _score(RewardScorer(f"{custom}:raises", 5.0, sandbox_custom=in_sandbox), ["a", "b"])
     assert scores == [0.0, 0.0] and metrics["reward/errors"] == 2.0
-    assert sum("boom" in r.getMessage() for r in caplog.records) == 1  # logged once
+    logged = [r.getMessage() for r in caplog.records if "boom" in r.getMessage()]
+    assert len(logged) == 1 and "RuntimeError: boom" in logged[0]  # logged once, with the user's message
     for name in ("nan", "text"):
-        scores, metrics = _score(RewardScorer(f"{custom}:{name}", 5.0), ["a"])
+        scores, metrics = _score(RewardScorer(f"{custom}:{name}", 5.0, sandbox_custom=in_sandbox), ["a"])
         assert scores == [0.0] and metrics["reward/errors"] == 1.0
 
 
 def test_scorer_dict_result_extra_metrics(custom: str) -> None:
-    scores, metrics = _score(RewardScorer(f"{custom}:with_extras", 5.0), ["ab", "abcd"])
+    scores, metrics = _score(RewardScorer(f"{custom}:with_extras", 5.0), ["ab", "abcd"])  # in the sandbox
     assert scores == [1.0, 1.0]
     assert metrics["reward/extra/length"] == 3.0
     assert "reward/extra/note" not in metrics
 
 
 def test_scorer_timeout_main_thread(custom: str) -> None:
-    scorer = RewardScorer(f"{custom}:slow", timeout_s=0.2)
+    scorer = RewardScorer(f"{custom}:slow", timeout_s=0.2, sandbox_custom=False)  # SIGALRM in this process
     start = time.monotonic()
     scores, metrics = _score(scorer, ["5", "0"])
     assert time.monotonic() - start < 3.0  # the 5 s row was cut at 0.2 s (slack for a busy machine)
@@ -131,7 +133,7 @@ def test_scorer_timeout_main_thread(custom: str) -> None:
 
 
 def test_scorer_timeout_off_main_thread(custom: str) -> None:
-    scorer = RewardScorer(f"{custom}:slow", timeout_s=0.2)
+    scorer = RewardScorer(f"{custom}:slow", timeout_s=0.2, sandbox_custom=False)  # an abandoned thread
     result: dict = {}
 
     def work() -> None:

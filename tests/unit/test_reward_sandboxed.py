@@ -1,5 +1,6 @@
-"""User reward functions in the sandbox (reward.sandbox_custom): results, failures, timeouts, and no
-process left behind by a function that forks a child which never returns."""
+"""User reward functions in the sandbox (the default, reward.sandbox.custom_function): results, failures,
+timeouts, a BaseException that stops the run, paths relative to the caller, and no process left behind
+by a function that forks a child which never returns."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from spmd_rlhf.rewards.registry import RewardScorer
+from spmd_rlhf.rewards.sandboxed import RewardAborted
 
 CUSTOM = '''
 import os, time
@@ -30,6 +32,14 @@ def forks(data_source, solution_str, ground_truth, extra_info=None):
 
 def raises(data_source, solution_str, ground_truth, extra_info=None):
     raise RuntimeError("boom")
+
+class Crash(BaseException):
+    pass
+
+def crashes(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "crash":
+        raise Crash("reward server went away")
+    return 1.0
 
 def slow(data_source, solution_str, ground_truth, extra_info=None):
     time.sleep(float(solution_str))
@@ -98,3 +108,28 @@ def test_errors_and_timeouts(custom: str) -> None:
         assert time.monotonic() - start < 0.5 + 3.0  # two workers: the two sleepers overlap
     finally:
         scorer.close()
+
+
+def test_a_base_exception_stops_the_caller_with_its_message(custom: str) -> None:
+    """As in the trainer's process: an Exception scores 0, a BaseException that is none ends the run."""
+    scorer = scorer_for(custom, "crashes")
+    try:
+        with pytest.raises(RewardAborted, match=r"Crash: reward server went away"):
+            scorer.score(["s"] * 3, ["a", "crash", "b"], [""] * 3, [None] * 3)
+        assert scorer.score(["s"], ["a"], [""], [None])[0] == [1.0]  # the pool serves on
+    finally:
+        scorer.close()
+
+
+def test_relative_file_and_module_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers run in their own directory: a relative file path and a module beside the caller still load."""
+    (tmp_path / "my_rewards_beside.py").write_text(CUSTOM)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend("")
+    for path in ("my_rewards_beside.py:exact", "my_rewards_beside:exact"):
+        scorer = RewardScorer(path, 5.0, sandbox_workers=1)  # the default: in the sandbox
+        try:
+            scores, metrics = scorer.score(["s", "s"], ["a", "b"], ["a", "a"], [None, None])
+            assert scores == [1.0, 0.0] and metrics["reward/errors"] == 0.0, path
+        finally:
+            scorer.close()
