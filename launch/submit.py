@@ -86,18 +86,10 @@ def distributed_env(job_env) -> dict[str, str]:
 
 
 def compose_config(overrides: list[str]):
-    """``(Config, plain dict)`` as ``python -m spmd_rlhf.train OVERRIDES`` would compose them."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    """``(Config, plain dict, DictConfig)`` as ``python -m spmd_rlhf.train OVERRIDES`` would compose them."""
+    from spmd_rlhf.check import compose_config as compose
 
-    import spmd_rlhf.train as train  # registers the schema and the recipes
-    from spmd_rlhf.config import check_known_keys
-
-    with initialize_config_dir(config_dir=str(train.CONFIG_DIR), version_base="1.3", job_name="spmd_rlhf"):
-        dcfg = compose(config_name="config", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    config_dict = OmegaConf.to_container(dcfg, resolve=True)
-    check_known_keys(config_dict)  # a +key the schema lacks would be dropped silently by to_object
-    return OmegaConf.to_object(dcfg), config_dict, dcfg
+    return compose(overrides)
 
 
 class Train(submitit.helpers.Checkpointable):

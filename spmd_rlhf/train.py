@@ -275,12 +275,14 @@ def check_torchrun_restart(environ=os.environ) -> None:
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store for every restart)")
 
 
-def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str, dict[str, float]]:
-    env = read_launch_env()
-    try:  # every user error surfaces here, before any process group or model exists
+def preflight(cfg: Config, world_size: int, config_dict: dict | None = None):
+    """Every check a user's configuration can fail, before any process group or model exists (also
+    what the launchers run once, in one process, before starting ranks). Returns what the run goes
+    on with: ``(tokenizer, train, val, scorer)``. Raises ``ConfigError``."""
+    try:
         check_torchrun_restart()
         check_known_keys(config_dict)
-        validate(cfg, env.world_size)
+        validate(cfg, world_size)
         tokenizer = load_tokenizer(cfg)
         hf_config = model_config(cfg, tokenizer)
         heads = hf_config.num_attention_heads
@@ -297,6 +299,12 @@ def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str,
                               f"{cfg.trainer.batch_size}; lower trainer.batch_size or add data")
     except (ValueError, OSError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
+    return tokenizer, train, val, scorer
+
+
+def run(cfg: Config, run_dir: str, config_dict: dict | None = None) -> dict[str, dict[str, float]]:
+    env = read_launch_env()
+    tokenizer, train, val, scorer = preflight(cfg, env.world_size, config_dict)
     topo = init_distributed(cfg.distributed.dp_replicate, cfg.distributed.tp, cfg.distributed.timeout_s, env,
                             generation_ranks=dedicated_generation_ranks(cfg), sp=cfg.distributed.sp)
     try:

@@ -58,10 +58,37 @@ def test_shell_scripts_parse(script):
      "--nproc-per-node 3 --nnodes 2 --node-rank 1 --master-addr node0 --master-port 1234 -m spmd_rlhf.train a=1 b=x"),
 ])
 def test_torchrun_sh_builds_the_command(env, expected):
-    clean = {k: "" for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT", "PYTHON")}
-    proc = bash(TORCHRUN_SH, "a=1", "b=x", env={**clean, "NNODES": "1", "NPROC": "3", "DRY_RUN": "1", **env})
+    clean = {k: "" for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT")}
+    env = {**clean, "NNODES": "1", "NPROC": "3", "DRY_RUN": "1", "PYTHON": "python3", **env}
+    proc = bash(TORCHRUN_SH, "a=1", "b=x", env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"python3 -m torch.distributed.run {expected}"
+
+
+def test_torchrun_sh_uses_the_checkouts_environment_without_activation():
+    venv_python = REPO_ROOT / ".venv" / "bin" / "python"
+    proc = bash(TORCHRUN_SH, "a=1", env={"PYTHON": "", "NNODES": "1", "NPROC": "1", "DRY_RUN": "1"})
+    assert proc.returncode == 0, proc.stderr
+    expected = str(venv_python) if venv_python.exists() else "python3"
+    assert proc.stdout.split()[0] == expected, proc.stdout
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+trainer.total_step=5", "trainer.total_steps"),  # a typo: the nearest key is named
+    ("distributed.tp=3", "distributed.tp"),  # needs the job's world size (NPROC) to fail
+])
+def test_torchrun_sh_config_error_is_one_line_before_any_rank(override, key):
+    """A configuration error is found once, in one process, before torchrun starts: one line, exit 2,
+    no traceback of torchrun's and no rank started."""
+    env = {**child_env(), "PYTHON": sys.executable, "NNODES": "1", "NPROC": "2", "RDZV_ENDPOINT": ""}
+    proc = subprocess.run(["bash", str(TORCHRUN_SH), override], env=env, capture_output=True, text=True,
+                          timeout=180)
+    output = f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 2, output
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("spmd_rlhf: configuration error:") and key in lines[0], output
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, output
+    assert "spmd_rlhf: world" not in proc.stdout, output
 
 
 def test_torchrun_sh_multinode_without_an_address_says_what_to_set():
