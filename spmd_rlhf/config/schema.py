@@ -40,6 +40,15 @@ class LoraConfig:
 
 
 @dataclass
+class MoeConfig:
+    """Mixture-of-experts policies (Qwen3-MoE, Qwen2-MoE; ``models/moe.py``). Dense models ignore it."""
+
+    # weight of the routers' load-balancing loss, added to the actor's loss in every training forward;
+    # null = the model config's router_aux_loss_coef (Qwen3-MoE: 0.001), 0 = off
+    router_aux_loss_coef: float | None = None
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None  # HF directory (config.json + safetensors); null = embedded tiny model
     tokenizer_path: str | None = None  # defaults to model.path
@@ -54,6 +63,7 @@ class ModelConfig:
     logprob_chunk_tokens: int = 4096  # tokens per lm_head + log-softmax chunk (memory: chunk x vocab in fp32)
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
 
 @dataclass

@@ -27,6 +27,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_paths(cfg)
     _validate_cpu_offload(cfg)
     _validate_lora(cfg)
+    _validate_moe(cfg)
 
 
 def _validate_sizes(cfg: Config) -> None:
@@ -212,6 +213,14 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.algorithm.adv_estimator == "gae" and cfg.critic.init_from == "actor":
         raise ConfigError("model.lora.rank > 0 with critic.init_from=actor is not supported yet (the critic would "
                           "copy a PEFT model); set critic.init_from=<a reward-model directory> or model.lora.rank=0")
+
+
+def _validate_moe(cfg: Config) -> None:
+    """``model.moe``: the balance loss weight is a finite number >= 0, or null for the model's own."""
+    coef = cfg.model.moe.router_aux_loss_coef
+    if coef is not None and not (isinstance(coef, (int, float)) and 0 <= coef < float("inf")):
+        raise ConfigError(f"model.moe.router_aux_loss_coef={coef} must be a number >= 0 (0 = off), or null for the "
+                          "model config's router_aux_loss_coef; set e.g. model.moe.router_aux_loss_coef=0.001")
 
 
 def _validate_paths(cfg: Config) -> None:

@@ -8,6 +8,10 @@ master copy, no cast per forward). On CPU everything stays fp32. With ``cpu_offl
 shards, their gradients (and so the optimizer state) live in host memory under FSDP2's
 ``CPUOffloadPolicy``: each layer's parameters are copied to the device for its all-gather and its
 reduced gradients back. Tensor parallelism for generation lives in ``distributed/tp_plan.py``.
+
+Mixture-of-experts layers (``models/moe.py``) need nothing else: their fused expert weights
+``[E, ...]`` shard on the expert dim like any parameter, so each rank stores whole experts, and a
+trainable model gets the router's balance loss hooked in.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .lora import is_lora
+from .moe import default_router_aux_loss_coef, install_router_aux_loss, moe_blocks
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -76,6 +81,7 @@ def parallelize(
     compile_layers: bool = False,
     compile_backend: str = "inductor",
     cpu_offload: bool = False,
+    router_aux_loss_coef: float | None = None,
 ) -> FSDPModule:
     """Shard ``model`` (full weights on the CPU) over ``mesh`` and move the shards to ``device``.
 
@@ -83,8 +89,14 @@ def parallelize(
     their activations in backward; the others keep them (less recompute, more memory). A frozen
     model (the reference policy) gets ``requires_grad_(False)`` and keeps nothing for backward.
     ``cpu_offload`` keeps the shards (and gradients) in host memory (``CPUOffloadPolicy``).
+    A trainable MoE model adds ``router_aux_loss_coef`` times its routers' balance loss to every
+    backward (``models/moe.py``; None: the coefficient of the model's config, 0 if it names none).
     """
     assert checkpoint_every >= 1
+    base = model.get_base_model() if is_lora(model) else model
+    if trainable and moe_blocks(base):
+        coef = default_router_aux_loss_coef(base.config) if router_aux_loss_coef is None else router_aux_loss_coef
+        install_router_aux_loss(base, base.get_decoder(), coef)
     if activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for index, layer in enumerate(decoder_layers(model)):
