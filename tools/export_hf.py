@@ -5,6 +5,7 @@
     python tools/export_hf.py outputs/run/checkpoints exported/ --dtype float32  # the same; fp32 weights
     python tools/export_hf.py outputs/lora_run/checkpoints adapter/             # LoRA: PEFT adapter directory
     python tools/export_hf.py outputs/lora_run/checkpoints merged/ --merged     # LoRA: merged HF model
+    python tools/export_hf.py ckpt merged/ --merged --base /models/qwen          # ... base moved since training
 
 Reads only the actor's model weights from the DCP files, in one process on the CPU, whatever the
 number of ranks that saved them (no process group). Writes ``config.json`` (with ``use_cache``
@@ -13,6 +14,8 @@ safetensors through ``save_pretrained``, which leaves out tied weights (``lm_hea
 ``tie_word_embeddings``) the way transformers expects them, and shards models past its size limit.
 Weights are written in the model's own dtype (its config's ``dtype``: a bf16 model stays bf16;
 fp32 when the config names none) unless ``--dtype`` says otherwise; training keeps fp32 masters.
+A LoRA checkpoint of a run from ``model.path`` holds only the adapters: ``--merged`` reads the base
+from the directory its config records (``base_model_name_or_path``) or from ``--base``.
 """
 
 from __future__ import annotations
@@ -67,20 +70,36 @@ def model_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def merge_lora(weights: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
-    """A PEFT model's weights as the base model's, with ``W + (alpha / r) B A`` for adapted ones."""
+def base_weights(weights: dict[str, torch.Tensor], lora: dict, base: str | None,
+                 step_folder: str) -> dict[str, torch.Tensor]:
+    """The frozen base's weights under the base model's names: from the checkpoint, or, where it
+    holds only the adapters, from ``base`` (default: the directory the run read, its config says)."""
+    held = {name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): tensor
+            for name, tensor in weights.items() if ".lora_" not in name}
+    if any(name.endswith(".weight") for name in held):
+        return held
+    from transformers import AutoModelForCausalLM
+
+    base = base or lora.get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise CheckpointError(f"{step_folder} holds only LoRA adapters and their base {base!r} is not a directory; "
+                              "pass --base <the model.path the run trained from>")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return {**{name: tensor.detach() for name, tensor in model.state_dict().items()}, **held}
+
+
+def merge_lora(weights: dict[str, torch.Tensor], lora: dict,
+               base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's weights ``base`` with ``W + (alpha / r) B A`` for the adapted ones, the
+    adapters taken from a PEFT model's ``weights``."""
     scale = lora["lora_alpha"] / lora["r"]
-    merged = {}
-    for name, tensor in weights.items():
-        if ".lora_" in name:
-            continue
-        base = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
-        if ".base_layer." in name:
-            module = name.removesuffix(".base_layer.weight").removesuffix(".base_layer.bias")
-            if name.endswith(".weight"):
-                a, b = weights[f"{module}.lora_A.default.weight"], weights[f"{module}.lora_B.default.weight"]
-                tensor = tensor + scale * (b.float() @ a.float()).to(tensor.dtype)
-        merged[base] = tensor
+    merged = dict(base)
+    for name, a in weights.items():
+        if ".lora_A.default.weight" in name:
+            module = name.removesuffix(".lora_A.default.weight")
+            b = weights[f"{module}.lora_B.default.weight"]
+            target = module.removeprefix(PEFT_PREFIX) + ".weight"
+            merged[target] = merged[target] + scale * (b.float() @ a.float()).to(merged[target].dtype)
     return merged
 
 
@@ -97,7 +116,8 @@ def export_adapter(weights: dict[str, torch.Tensor], lora: dict, hf_dir: str, ou
         raise CheckpointError(f"{hf_dir}/config.json names LoRA adapters but the checkpoint holds none")
     os.makedirs(out, exist_ok=True)
     LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
-               target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM").save_pretrained(out)
+               target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM",
+               base_model_name_or_path=lora.get("base_model_name_or_path")).save_pretrained(out)
     save_file(adapters, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
     for name in os.listdir(hf_dir):  # tokenizer files; the base model's config.json is not the adapter's
         src = os.path.join(hf_dir, name)
@@ -106,10 +126,11 @@ def export_adapter(weights: dict[str, torch.Tensor], lora: dict, hf_dir: str, ou
 
 
 def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.dtype | None = None,
-              merged: bool = False) -> None:
+              merged: bool = False, base: str | None = None) -> None:
     """Write the HF directory ``out`` from a step folder, a ``latest`` file or a checkpoint dir
     (its newest step), in ``dtype`` (default: the model's own). A LoRA actor is written as PEFT's
-    adapter directory, or with ``merged`` as the HF model with the adapters merged in."""
+    adapter directory, or with ``merged`` as the HF model with the adapters merged in (the base read
+    from ``base`` or its recorded directory where the checkpoint holds only the adapters)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     step_folder = find_step_folder(checkpoint)
@@ -125,7 +146,7 @@ def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.
         if not merged:
             export_adapter(weights, lora, hf_dir, out, dtype)
             return
-        weights = merge_lora(weights, lora)
+        weights = merge_lora(weights, lora, base_weights(weights, lora, base, step_folder))
     dtype = dtype or model_dtype(config)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     config.use_cache = True  # training turns the KV cache off; generation wants it
@@ -158,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merged", action="store_true",
                         help="a LoRA actor: write the HF model with the adapters merged in (default: PEFT's "
                         "adapter directory)")
+    parser.add_argument("--base", default=None,
+                        help="with --merged: the base model directory, where the checkpoint holds only the adapters "
+                        "(default: the model.path the run recorded)")
     args = parser.parse_args(argv)
     try:
-        export_hf(args.checkpoint, args.out, args.component, DTYPES.get(args.dtype), args.merged)
+        export_hf(args.checkpoint, args.out, args.component, DTYPES.get(args.dtype), args.merged, args.base)
     except CheckpointError as err:
         print(f"export_hf: {err}", file=sys.stderr)
         return 2

@@ -10,11 +10,16 @@ FSDP block merged on the fly, ``W + (alpha / r) B A``: FSDP2 shards ``W [out, in
 ``B [out, r]`` alike on dim 0 (torch.chunk of the same ``out`` rows), so the merged block is
 ``W_local + s * B_local @ A`` with ``A [r, in]`` gathered (small). Nothing merged outlives its
 bucket; the model is never merged in place.
+
+``base_path``: where the frozen base can be read again (``model.path``), recorded with the
+adapters' settings; a checkpoint then keeps only the adapters (``trainer/checkpoint_state.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+
+import os
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -32,9 +37,15 @@ CONFIG_KEY = "spmd_rlhf_lora"  # the adapters' settings, kept in the model's con
 def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
     """``model`` with LoRA adapters (PEFT's init: A random, B zero, so the output is unchanged);
     every base parameter frozen, only the adapters trainable. The settings are recorded in
-    ``model.config`` (``CONFIG_KEY``), so a checkpoint's config tells the export how to merge."""
+    ``model.config`` (``CONFIG_KEY``), so a checkpoint's config tells the export how to merge, and
+    where the base came from (``base_path``: the directory ``from_pretrained`` read; None for a
+    model built from a config)."""
+    source = model.config._name_or_path or None
+    if source is not None and os.path.isdir(source):
+        source = os.path.abspath(source)
     setattr(model.config, CONFIG_KEY, {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-                                       "target_modules": list(lora.target_modules)})
+                                       "target_modules": list(lora.target_modules),
+                                       "base_model_name_or_path": source, "sync": lora.sync})
     config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -43,6 +54,30 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
 def is_lora(model: torch.nn.Module) -> bool:
     """Whether ``model`` (FSDP-wrapped or not) carries PEFT adapters."""
     return isinstance(model, PeftModel)
+
+
+def base_path(model: torch.nn.Module) -> str | None:
+    """Where a LoRA actor's frozen base is read from again (``model.path``), so a checkpoint needs
+    only its adapters; None where only a checkpoint has it (a built or warm-started base)."""
+    if not is_lora(model):
+        return None
+    return getattr(model.config, CONFIG_KEY)["base_model_name_or_path"]
+
+
+def adapter_sync(model: torch.nn.Module) -> bool:
+    """Whether the engine gets the adapters themselves (``model.lora.sync=adapter``), not merged weights."""
+    return is_lora(model) and getattr(model.config, CONFIG_KEY)["sync"] == "adapter"
+
+
+@torch.no_grad()
+def adapter_state(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's adapter config (as ``adapter_config.json`` holds it) and the adapters' whole tensors
+    under the names PEFT saves them (``...q_proj.lora_A.weight``); collective over the training mesh."""
+    assert is_lora(model)
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config[ADAPTER].to_dict().items()}
+    tensors = {name.replace(f".{ADAPTER}.", "."): _full(param) for name, param in model.named_parameters()
+               if ".lora_" in name}
+    return config, tensors
 
 
 def reference_mode(model: torch.nn.Module):
@@ -119,7 +154,8 @@ class MergedWeights:
 @torch.no_grad()
 def fold_adapters(model: torch.nn.Module) -> None:
     """Merge the adapters into the (sharded) base weights in place and zero every B: the model
-    computes the same, and disabling the adapters now gives it (the reference after a warm start)."""
+    computes the same, and disabling the adapters now gives it (the reference after a warm start).
+    The base is then no longer the one read from disk: checkpoints keep it (``base_path`` is None)."""
     merged = MergedWeights(model)
     for name, param in merged.named_parameters():
         if name in merged._adapters:
@@ -127,3 +163,4 @@ def fold_adapters(model: torch.nn.Module) -> None:
             param._local_tensor.copy_(block.to(param._local_tensor.device))
     for _, b, _ in merged._adapters.values():
         b._local_tensor.zero_()
+    getattr(model.config, CONFIG_KEY)["base_model_name_or_path"] = None  # the base is no longer model.path's

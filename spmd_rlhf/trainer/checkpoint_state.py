@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from ..models.lora import base_path
 from .checkpoint_files import damage_hint, describe_file, rank_file
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class ModelOptimizerState(Stateful):
 
     ``get_state_dict`` gives the sharded DTensors of this rank; DCP writes and reshards them, so
     the state loads on another world size (and into an unsharded model, e.g. for export).
+    A LoRA actor whose frozen base ``model.path`` gives again (``models/lora.base_path``) keeps
+    only its adapters (and their optimizer state): the resume reads the base from ``model.path``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler=None):
@@ -43,24 +47,37 @@ class ModelOptimizerState(Stateful):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.frozen_saved = base_path(model) is None
+        self.options = None if self.frozen_saved else StateDictOptions(strict=False)
+
+    def _saved(self, model_sd: dict[str, Any]) -> dict[str, Any]:
+        """The model's entries a checkpoint keeps: all, or the trainable ones (tied copies of frozen
+        weights, which ``ignore_frozen_params`` keeps, and buffers come from ``model.path`` too)."""
+        if self.frozen_saved:
+            return model_sd
+        trainable = {name for name, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        return {name: value for name, value in model_sd.items() if name in trainable}
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
-            return {"model": get_model_state_dict(self.model)}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+            return {"model": self._saved(get_model_state_dict(self.model, options=self.options))}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.options)
+        state = {"model": self._saved(model_sd), "optim": optim_sd}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.optimizer is None:
-            set_model_state_dict(self.model, state_dict["model"])
-            return
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state_dict["scheduler"])
+            keys = set_model_state_dict(self.model, state_dict["model"], options=self.options)
+        else:
+            keys = set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                                  optim_state_dict=state_dict["optim"], options=self.options)
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state_dict["scheduler"])
+        if not self.frozen_saved:  # not strict: only the frozen base may be missing
+            trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            assert not keys.unexpected_keys and not trainable & set(keys.missing_keys), keys
 
 
 class RNGState(Stateful):

@@ -19,7 +19,7 @@ from spmd_rlhf.config.schema import LoraConfig
 from spmd_rlhf.models.lora import MergedWeights, add_lora, reference_mode
 from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
 from spmd_rlhf.train import build_optimizer
-from spmd_rlhf.trainer.checkpoint import CheckpointManager, ModelOptimizerState
+from spmd_rlhf.trainer.checkpoint import CheckpointManager, ModelOptimizerState, load_model_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,3 +137,51 @@ def test_export_writes_peft_adapters_and_on_request_the_merged_model(tmp_path) -
         assert (base(input_ids=ids).logits - want).abs().max() > 1e-2
     assert not (tmp_path / "adapter" / "config.json").exists()
     assert "spmd_rlhf_lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+def test_a_base_read_from_a_directory_is_not_checkpointed_and_export_reads_it_again(tmp_path) -> None:
+    """The checkpoint of a LoRA actor whose base came from a directory (model.path) holds the
+    adapters and their AdamW state only; it loads back exactly, and both exports read the base again."""
+    base, _ = tiny_peft()
+    base.save_pretrained(tmp_path / "base")
+    build_tokenizer().save_pretrained(tmp_path / "base")
+
+    def actor():
+        torch.manual_seed(1)
+        model = add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(rank=4, alpha=8.0))
+        return model, build_optimizer(model, 1e-2, 0.0, (0.9, 0.999), 0, 10, 0.0)[0]
+
+    peft, optimizer = actor()
+    ids = torch.randint(3, 12, (2, 6), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # the adapters move and AdamW holds state
+        peft(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = CheckpointManager(tmp_path / "ckpt", keep_last=1).save(
+        1, {"actor": ModelOptimizerState(peft, optimizer)}, hf_config=peft.get_base_model().config,
+        tokenizer=build_tokenizer())
+    saved = load_model_weights(path)
+    assert saved and all(".lora_A." in n or ".lora_B." in n for n in saved), sorted(saved)[:4]
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+    resumed, resumed_opt = actor()  # other adapters (seed 1 again, but no steps): the load must replace them
+    CheckpointManager(tmp_path / "ckpt", keep_last=1).load(path, {"actor": ModelOptimizerState(resumed, resumed_opt)})
+    for (name, p), (_, q) in zip(peft.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    want_state = optimizer.state_dict()["state"]
+    got_state = resumed_opt.state_dict()["state"]
+    assert all(torch.equal(want_state[i]["exp_avg"], got_state[i]["exp_avg"]) for i in want_state)
+
+    tool = load_export_tool()
+    tool.export_hf(path, str(tmp_path / "adapter"))
+    tool.export_hf(path, str(tmp_path / "merged"), merged=True)
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                           tmp_path / "adapter")
+        assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
+        assert (base(input_ids=ids).logits - want).abs().max() > 1e-3
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
