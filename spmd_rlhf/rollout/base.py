@@ -28,6 +28,9 @@ class SamplingConfig:
     top_k: int = 0
     seed: int = 0
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # token-id sequences that end a row once its generated tokens end with one (kept in the output,
+    # finish reason "stop"); TorchEngine honours any, vLLM (no tokenizer) the one-token ones
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +43,11 @@ class SamplingConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+        assert all(len(seq) > 0 for seq in self.stop_sequences), "an empty stop sequence"
+
+    def single_token_stops(self) -> list[int]:
+        """The token ids of the one-token stop sequences (what an engine with stop ids only can honour)."""
+        return sorted({seq[0] for seq in self.stop_sequences if len(seq) == 1})
 
 
 @dataclass
@@ -49,7 +57,7 @@ class Samples:
     ``token_ids`` holds the generated tokens only (an emitted EOS included); ``logprobs[j][t]``
     is the log-probability of ``token_ids[j][t]`` under ``softmax(logits / T)`` before top-k/top-p
     (T = 1 when greedy), the quantity the actor recomputes. ``finish_reasons`` is ``"stop"``
-    (EOS emitted) or ``"length"`` (max_new_tokens reached).
+    (EOS or a stop sequence emitted) or ``"length"`` (max_new_tokens reached).
 
     ``loss_masks`` (multi-turn rollouts, ``rollout/multi_turn.py``): per token of ``token_ids``, 1
     where the policy generated it and 0 where it was inserted (tool output, chat-template tokens

@@ -3,9 +3,11 @@ results as tool messages, generate again.
 
 A turn is one ``engine.generate`` over every sample still going (prompt + its response so far, as
 token ids), so the engine batches them and vLLM's prefix cache reuses the earlier turns. A turn
-ends at the close of a tool call (``</tool_call>``) or EOS. The engines have no stop sequences, so
-the close is found after generation and the turn is truncated right after it: the tokens kept are
-exactly what a stop there would have given (sampling is causal), the rest is discarded. The call
+ends at the close of a tool call (``</tool_call>``) or EOS. The engines stop a row at the token ids
+that spell the close in common contexts (``SamplingConfig.stop_sequences``; vLLM, which has no
+tokenizer, only where the close is one token); a close spelled otherwise is found after generation
+and the turn is truncated right after it: the tokens kept are exactly what a stop there would have
+given (sampling is causal), the rest is discarded. The call
 (``rollout/tools.py``) runs with every other call of the turn; its result is rendered through the
 tokenizer's chat template as a tool message, and only the tokens after the assistant's text (end of
 the assistant turn, the tool message, the next assistant header) are appended. A sample ends with
@@ -67,6 +69,19 @@ def render_tool_message(tokenizer, content: str) -> list[int]:
     return list(tokenizer(tail, add_special_tokens=False).input_ids)
 
 
+def close_sequences(tokenizer) -> tuple[tuple[int, ...], ...]:
+    """Token-id sequences whose text ends with ``</tool_call>``: the shortest tail of the close as the
+    tokenizer spells it after nothing, a newline, a brace or a space (a BPE merge may take those in)."""
+    found: list[tuple[int, ...]] = []
+    for before in ("", "\n", "}", "}\n", " ", '"}'):
+        ids = list(tokenizer(before + CALL_CLOSE, add_special_tokens=False).input_ids)
+        tail = next((tuple(ids[-k:]) for k in range(1, len(ids) + 1)
+                     if tokenizer.decode(ids[-k:]).endswith(CALL_CLOSE)), None)
+        if tail is not None and tail not in found:
+            found.append(tail)
+    return tuple(found)
+
+
 def check_chat_template(tokenizer) -> None:
     """``ConfigError`` unless the tokenizer's chat template renders a tool message."""
     if getattr(tokenizer, "chat_template", None) is None:
@@ -97,6 +112,7 @@ class MultiTurn:
         self.sandbox: SandboxTools
         self.toolbox, self.sandbox = build_toolbox(list(cfg.tools), ToolSettings(timeout_s=cfg.tool_timeout_s))
         self.close_ids = list(tokenizer(CALL_CLOSE, add_special_tokens=False).input_ids)
+        self.stop_sequences = close_sequences(tokenizer)
 
     def close(self) -> None:
         self.sandbox.close()
@@ -105,6 +121,7 @@ class MultiTurn:
                  sampling: SamplingConfig) -> tuple[Samples, dict[str, float]]:
         """``sampling.n`` multi-turn samples per example, prompt-major, and the ``rollout/*`` tool metrics."""
         n = sampling.n
+        sampling = dataclasses.replace(sampling, stop_sequences=sampling.stop_sequences + self.stop_sequences)
         rows = [_Row(e.prompt_ids, e.index * n + j, self.toolbox.allowed(e.extra_info)) for e in examples
                 for j in range(n)]
         first = engine.generate([e.prompt_ids for e in examples], sampling, seeds=[e.index for e in examples])

@@ -5,7 +5,8 @@ generate the concatenation in lock-step (identical inputs, identical sampled tok
 returns its own share; different replicas (gen_dp ranks) generate different prompts.
 
 Generation is batched: chunks of ``max_batch_size`` rows, left-padded, one prefill and then one
-forward per decode step over the whole chunk with a ``DynamicCache``. Sampling runs in fp32
+forward per decode step over the whole chunk with a ``DynamicCache``; a row ends at EOS or once its
+tokens end with one of ``SamplingConfig.stop_sequences``. Sampling runs in fp32
 (temperature, top-k, top-p); with per-prompt ``seeds`` every sample inverts its distribution at a
 draw of its own stream (``base.sample_seeds``), so it does not depend on the batch around it;
 without them one ``torch.Generator`` seeded by ``SamplingConfig.seed`` draws for the call. The
@@ -186,6 +187,16 @@ class TorchEngine(EngineBase):
         )
         return out.logits[:, -1], out.past_key_values
 
+    def _ends(self, tokens_BT: torch.Tensor, stops: list[torch.Tensor], ignore_eos: bool) -> torch.Tensor:
+        """Rows whose tokens so far end with EOS (unless ``ignore_eos``) or with a stop sequence."""
+        ended_B = torch.zeros(tokens_BT.shape[0], dtype=torch.bool, device=tokens_BT.device)
+        if not ignore_eos:
+            ended_B |= torch.isin(tokens_BT[:, -1], self.eos_ids)
+        for stop_K in stops:
+            if len(stop_K) <= tokens_BT.shape[1]:
+                ended_B |= (tokens_BT[:, -len(stop_K):] == stop_K).all(-1)
+        return ended_B
+
     @torch.no_grad()
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator,
                         seeds: list[int] | None = None) -> _Chunk:
@@ -198,6 +209,8 @@ class TorchEngine(EngineBase):
         logprobs_BT = torch.zeros((batch, steps), dtype=torch.float32, device=self.device)
         lengths_B = torch.zeros(batch, dtype=torch.long, device=self.device)
         done_B = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stopped_B = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stops = [torch.tensor(seq, dtype=torch.long, device=self.device) for seq in sampling.stop_sequences]
         uniform_BT = None if seeds is None or sampling.temperature == 0 else row_uniforms(seeds, steps, self.device)
         for step in range(steps):
             uniform_B = None if uniform_BT is None else uniform_BT[:, step]
@@ -206,15 +219,14 @@ class TorchEngine(EngineBase):
             tokens_BT[:, step] = tokens_B
             logprobs_BT[:, step] = logprobs_B.masked_fill(done_B, 0.0)
             lengths_B += (~done_B).long()
-            if not sampling.ignore_eos:
-                done_B |= torch.isin(tokens_B, self.eos_ids)
+            ended_B = self._ends(tokens_BT[:, :step + 1], stops, sampling.ignore_eos) & ~done_B
+            stopped_B |= ended_B
+            done_B |= ended_B
             if step == steps - 1 or bool(done_B.all()):
                 break
             mask_BL = torch.cat([mask_BL, (~done_B).long()[:, None]], dim=1)
             logits_BV, cache = self._forward(tokens_B[:, None], mask_BL, next_pos_B1, cache)
             next_pos_B1 = next_pos_B1 + 1
-        stopped_B = torch.isin(tokens_BT.gather(1, (lengths_B - 1)[:, None]).squeeze(1), self.eos_ids)
-        stopped_B &= not sampling.ignore_eos
         return _Chunk(tokens_BT.cpu(), logprobs_BT.cpu(), lengths_B.cpu(), stopped_B.cpu())
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,

@@ -12,7 +12,9 @@ from spmd_rlhf.config.schema import MultiTurnConfig
 from spmd_rlhf.data.batch import collate
 from spmd_rlhf.data.datasets import PromptExample
 from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples
-from spmd_rlhf.rollout.multi_turn import MultiTurn, check_multi_turn, render_tool_message, rollout_samples
+from spmd_rlhf.rollout.multi_turn import (MultiTurn, check_multi_turn, close_sequences, render_tool_message,
+                                          rollout_samples)
+from spmd_rlhf.rollout.tools import CALL_CLOSE
 from spmd_rlhf.tasks.arithmetic import CALL_PREFIX, CALL_SUFFIX, build_tokenizer
 
 TOK = build_tokenizer(tools=True)
@@ -78,6 +80,15 @@ def test_call_then_answer_masks_and_logprobs_exact() -> None:
     texts, sampling, seeds = engine.calls[1]
     assert sampling.n == 1 and sampling.max_new_tokens == 40 - len(generated) - len(inserted)
     assert seeds == [3] and engine.calls[0][2] == [3] and sampling.seed != engine.calls[0][1].seed
+    # every turn asks the engine to stop at the close of a call
+    assert all(tuple(ids(CALL_CLOSE)) in c[1].stop_sequences for c in engine.calls)
+
+
+def test_close_sequences_spell_the_close_of_a_call() -> None:
+    found = close_sequences(TOK)
+    assert tuple(ids(CALL_CLOSE)) in found
+    for seq in found:
+        assert TOK.decode(list(seq)).endswith(CALL_CLOSE) and not TOK.decode(list(seq[1:])).endswith(CALL_CLOSE)
 
 
 def test_collate_trains_only_on_generated_tokens() -> None:
