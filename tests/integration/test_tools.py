@@ -1,5 +1,5 @@
 """Sandboxed tools for real (the Python interpreter, function tools by dotted path: output, errors,
-timeouts, nothing left running) and a real run of recipe=tiny_arithmetic_tools."""
+timeouts, nothing left running) and a real run of recipe=tiny_arithmetic_tools that learns to use the tool."""
 
 from __future__ import annotations
 
@@ -69,26 +69,32 @@ def test_the_sandbox_ends_with_close() -> None:
     assert not alive
 
 
-def test_tools_recipe_one_step(tmp_path: Path) -> None:
-    """The CLI of the README: one step of recipe=tiny_arithmetic_tools logs the tool metrics, and the
-    held-out evaluation generates through the tools (sampled, so that the warm start's share of
-    calls shows)."""
+def test_tools_recipe_learns_to_call_the_tool(tmp_path: Path) -> None:
+    """The CLI of the README: 30 steps of recipe=tiny_arithmetic_tools (its warm start, 800 steps) log the
+    tool metrics, the held-out evaluation generates through the tools (sampled, so that the warm start's
+    share of calls shows), and the policy learns that calling the calculator pays: held-out accuracy and
+    calls per sample rise (measured: accuracy 0.125 -> 0.578, calls 0.25 -> 0.88; about 90 s on 2 busy cores)."""
     run_dir = tmp_path / "run"
     proc = run_reaped([sys.executable, "-m", "spmd_rlhf.train", "recipe=tiny_arithmetic_tools",
-                       "trainer.total_steps=1", "trainer.sft.steps=50", "data.arithmetic.num_val=128",
-                       "rollout.val_temperature=1.0",
+                       "trainer.total_steps=30", "data.arithmetic.num_val=128", "rollout.val_temperature=1.0",
                        f"hydra.run.dir={run_dir}", "logging.progress_bar=false"],
-                      timeout=400, env=child_env(), cwd=REPO_ROOT)
+                      timeout=600, env=child_env(), cwd=REPO_ROOT)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    step = next(s for s in steps if "rollout/turns" in s)
-    assert 1.0 <= step["rollout/turns"] <= 2.0, "max_turns=2"
-    assert step["rollout/tool_calls"] > 0, "the warm start calls the calculator in a share of its demonstrations"
-    assert 0.0 <= step["rollout/tool_errors"] <= step["rollout/tool_calls"] and step["rollout/tool_timeouts"] == 0.0
-    # the engine's logprobs of the generated tokens, aligned across turns, are the actor's (fp32 on a CPU)
-    assert step["rollout/logprob_diff"] < 1e-4
+    train = [s for s in steps if "rollout/turns" in s]
+    assert len(train) == 30
+    for step in train:
+        assert 1.0 <= step["rollout/turns"] <= 2.0, "max_turns=2"
+        assert 0.0 <= step["rollout/tool_errors"] <= step["rollout/tool_calls"] and step["rollout/tool_timeouts"] == 0.0
+        # the engine's logprobs of the generated tokens, aligned across turns, are the actor's (fp32 on a CPU)
+        assert step["rollout/logprob_diff"] < 1e-4
+    assert train[0]["rollout/tool_calls"] > 0, "the warm start calls the calculator in a share of its demonstrations"
+    first, last = (sum(s["rollout/tool_calls"] for s in part) / 5 for part in (train[:5], train[-5:]))
+    assert last >= first + 0.3, f"tool calls per sample {first:.2f} -> {last:.2f}"
     evals = [s for s in steps if "eval/turns" in s]
     assert len(evals) == 2, "before and after"
-    # a single-turn evaluation has exactly 1 turn per response; 128 samples at the warm start's rate of answered
-    # calls (about 0.05 per sample) all answering directly would have odds of about 2e-3
+    # a single-turn evaluation has exactly 1 turn per response; 128 samples at the warm start's rate of
+    # answered calls all answering directly would have odds far below 1e-3
     assert all(1.0 < s["eval/turns"] <= 2.0 for s in evals), evals
+    before, after = evals[0]["eval/accuracy"], evals[1]["eval/accuracy"]
+    assert after >= before + 0.3, f"held-out accuracy {before:.3f} -> {after:.3f}"
