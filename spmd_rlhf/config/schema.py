@@ -36,7 +36,7 @@ class LoraConfig:
     alpha: float = 16.0  # the update is (alpha / rank) * B @ A
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the attention and MLP projections
-    sync: str = "merged"  # merged: W + (alpha/r) B A to the engine, bucket by bucket | adapter: (not supported yet)
+    sync: str = "merged"  # merged: W + (alpha/r) B A to the engine, bucket by bucket | adapter: the adapters to vLLM
 
 
 @dataclass

@@ -204,9 +204,15 @@ def _validate_lora(cfg: Config) -> None:
         raise ConfigError("model.lora.target_modules is empty; name the projections to adapt, e.g. "
                           "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
     choice(lora.sync, "model.lora.sync", LORA_SYNC)
-    if lora.sync == "adapter":
-        raise ConfigError("model.lora.sync=adapter (adapters only into vLLM's LoRA support) is not supported yet; "
-                          "set model.lora.sync=merged")
+    if lora.sync == "adapter" and cfg.rollout.engine != "vllm":
+        raise ConfigError(f"model.lora.sync=adapter needs vLLM's LoRA support (rollout.engine=vllm); with "
+                          f"rollout.engine={cfg.rollout.engine} set model.lora.sync=merged")
+    if lora.sync == "adapter" and cfg.distributed.placement == "split":
+        raise ConfigError("model.lora.sync=adapter is not supported with distributed.placement=split (the "
+                          "generation ranks take merged weights); set model.lora.sync=merged")
+    if lora.sync == "adapter" and lora.rank > 512:
+        raise ConfigError(f"model.lora.rank={lora.rank} is above vLLM's largest LoRA rank (512) for "
+                          "model.lora.sync=adapter; lower model.lora.rank or set model.lora.sync=merged")
     if cfg.distributed.placement == "split":
         raise ConfigError("model.lora.rank > 0 is not supported with distributed.placement=split yet; set "
                           "distributed.placement=colocate or model.lora.rank=0")

@@ -47,5 +47,6 @@ def build_engine(cfg: Config, topo: Topology, hf_config: PretrainedConfig, eos_i
             gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_gib=v.kv_cache_gib, sleep_level=v.sleep_level,
             enable_prefix_caching=v.enable_prefix_caching, trust_remote_code=cfg.model.trust_remote_code,
             log_level=v.log_level, seed_per_request=v.seed_per_request,
+            lora_rank=cfg.model.lora.rank if cfg.model.lora.sync == "adapter" else 0,
         )
     raise ConfigError(f"rollout.engine={cfg.rollout.engine!r} is not available; set rollout.engine=torch")

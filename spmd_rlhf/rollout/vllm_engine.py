@@ -38,6 +38,9 @@ Weights (``rollout.weight_sync``), loaded before the first ``generate`` (the eng
 * ``dtensor`` (CUDA): the trainer streams this rank's tp slices, written into vLLM's own
   parameters (``vllm_layout``).
 After every sync the prefix cache is reset and ``weight_version`` increments.
+* LoRA adapters (``lora_rank > 0``, ``model.lora.sync=adapter``): the engine is built with vLLM's
+  LoRA support; the base weights arrive once through ``load_weights``, the adapters at every sync
+  through ``load_adapter``, from memory (``vllm_lora``), and every request uses the latest.
 
 Sleep (CUDA only): see ``vllm_memory``. The world vLLM runs in: see ``vllm_world``.
 """
@@ -57,6 +60,7 @@ from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_t
 from spmd_rlhf.rollout.vllm_layout import (
     EMBED, FusedLayout, copy_tp_slice, expected_writes, vllm_shard_dims, vocab_chunks_align,
 )
+from spmd_rlhf.rollout.vllm_lora import VLLMAdapters
 from spmd_rlhf.rollout.vllm_memory import VLLMMemory
 from spmd_rlhf.rollout.vllm_world import VLLMWorld, preserved_rng, write_config
 
@@ -105,6 +109,7 @@ class VLLMEngine(EngineBase):
         log_level: str = "WARNING",
         seed_per_request: bool = True,
         timeout_s: float | None = None,
+        lora_rank: int = 0,
     ) -> None:
         if not eos_token_ids:
             raise ValueError("rollout engine needs at least one EOS token id (tokenizer eos_token_id)")
@@ -144,6 +149,7 @@ class VLLMEngine(EngineBase):
             trust_remote_code=trust_remote_code,
             **compat.engine_kwargs(self.device.type, kv_cache_gib=kv_cache_gib,
                                    gpu_memory_utilization=gpu_memory_utilization, sleep_mode=self._memory.enabled),
+            **(VLLMAdapters.engine_kwargs(lora_rank) if lora_rank > 0 else {}),
         )
         with self._world.launched(), preserved_rng(), compat.quiet_start(), compat.vllm_allocator(self.device.type):
             # (in-process vLLM seeds the global RNGs with its seed; preserved_rng undoes that)
@@ -152,6 +158,7 @@ class VLLMEngine(EngineBase):
             log.warning("this vLLM has no logprobs_mode: its logprobs are log_softmax(logits), without the "
                         "temperature; rollout/logprob_diff measures the gap")
         self._layout = None if self.wants_full_weights else self._fused_layout(hf_config)
+        self._adapters = VLLMAdapters(self.llm, lora_rank) if lora_rank > 0 else None
 
     # -- construction ----------------------------------------------------------------------
 
@@ -203,6 +210,21 @@ class VLLMEngine(EngineBase):
         missing = {k: v for k, v in expected_writes(params).items() if written[k] != v}
         if missing:
             raise ValueError(f"weight sync left vLLM parameters unfilled or filled twice: {sorted(missing)}")
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether the base weights are loaded (none at start or after a level-2 sleep)."""
+        return self._weights_loaded
+
+    @torch.no_grad()
+    def load_adapter(self, peft_config: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """The actor's LoRA adapters (PEFT's config and whole tensors): every later ``generate``
+        uses them. The engine must be built with ``lora_rank``."""
+        assert self._adapters is not None, "the engine was built without lora_rank"
+        with self._world.entered():
+            self._adapters.load(peft_config, tensors)
+            compat.reset_prefix_cache(self.llm)
+        self.weight_version += 1
 
     # -- sleep -----------------------------------------------------------------------------
 
@@ -272,7 +294,8 @@ class VLLMEngine(EngineBase):
         with self._world.entered():
             self._memory.wake(self.llm, ["weights", "kv_cache"])
             with compat.vllm_allocator(self.device.type):
-                outputs = self.llm.generate(requests, params, use_tqdm=False)
+                adapter = None if self._adapters is None else self._adapters.request
+                outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=adapter)
         mine = outputs[offset * n:(offset + len(prompt_token_ids)) * n]
         samples = Samples([], [], [])
         for output in mine:

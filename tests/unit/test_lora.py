@@ -38,12 +38,22 @@ def lora_cfg(**fields) -> Config:
     (dict(dropout=1.0), "model.lora.dropout", r"\[0, 1\)"),
     (dict(target_modules=[]), "model.lora.target_modules", "q_proj"),
     (dict(sync="bogus"), "model.lora.sync", "merged"),
-    (dict(sync="adapter"), "model.lora.sync=adapter", "not supported yet; set model.lora.sync=merged"),
+    (dict(sync="adapter"), "model.lora.sync=adapter", "rollout.engine=vllm.*set model.lora.sync=merged"),
 ])
 def test_lora_mistakes_name_key_and_fix(fields, key: str, fix: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)) as info:
         validate(lora_cfg(**fields), 1)
     assert re.search(fix, str(info.value)), str(info.value)
+
+
+def test_adapter_sync_is_refused_under_split_placement() -> None:
+    cfg = lora_cfg(sync="adapter")
+    cfg.rollout.engine = "vllm"
+    validate(cfg, 2)
+    cfg.distributed.placement = "split"
+    cfg.distributed.generation_ranks = 1
+    with pytest.raises(ConfigError, match=r"model.lora.sync=adapter .*distributed.placement=split"):
+        validate(cfg, 2)
 
 
 def test_lora_refuses_a_critic_copied_from_the_actor() -> None:
