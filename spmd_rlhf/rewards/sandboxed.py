@@ -42,12 +42,6 @@ class RewardAborted(BaseException):
     message, as it would had the function run in the trainer's process."""
 
 
-def _last_line(text: str) -> str:
-    """The last non-empty line of a traceback: the exception's type and message."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
-
-
 def portable_path(path: str) -> str:
     """``reward.custom_function`` as a sandbox worker (another working directory) finds it: a file
     path made absolute; a module path as it is."""
@@ -103,10 +97,9 @@ def plan_custom(path: str, timeout_s: float, data_source: str, solution_str: str
         if outcome.status is Status.TIMEOUT:
             raise RewardTimedOut(f"reward.timeout_s={timeout_s}")
         if outcome.status is Status.ABORTED:
-            raise RewardAborted(f"{_last_line(outcome.stderr)} (in the reward sandbox)\n{outcome.stderr[-2000:]}")
-        if not outcome.ok:
-            raise RuntimeError(f"{_last_line(outcome.stderr) or outcome.status.value} (reward sandbox: "
-                               f"{outcome.status.value})\n{outcome.stderr[-1000:]}")
+            raise RewardAborted(f"in the reward sandbox:\n{outcome.stderr[-2000:]}")
+        if not outcome.ok:  # the traceback's last line is the user's exception and its message
+            raise RuntimeError(f"{outcome.status.value} in the reward sandbox:\n{outcome.stderr[-1000:]}")
         return outcome.value
 
     return RewardPlan([job], finish)

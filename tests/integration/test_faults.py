@@ -43,14 +43,14 @@ SAVING_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-f]{8}$")  # a save in progress
 
 @pytest.mark.slow
 def test_a_rank_that_raises_stops_every_rank_with_its_message(tmp_path):
-    """Rank 1's reward function raises an error the scorer does not catch, in step 3; rank 0 is
-    then waiting in a collective. The job must end long before the collective timeout, with rank
-    1's message in the output once."""
+    """Rank 1's reward function (run in the reward sandbox, the default) raises an error the scorer
+    does not catch, in step 3; rank 0 is then waiting in a collective. The job must end long before
+    the collective timeout, with rank 1's message in the output once."""
     run_dir = tmp_path / "run"
     reward = f"{Path(reward_raises_on_rank1.__file__)}:reward"
     job = Job([*SHORT, f"hydra.run.dir={run_dir}", "trainer.total_steps=20", f"reward.custom_function={reward}",
-               "reward.sandbox.custom_function=false",  # its call count is per process
-               f"distributed.timeout_s={COLLECTIVE_TIMEOUT_S}"], 2, tmp_path / "job.log")
+               f"distributed.timeout_s={COLLECTIVE_TIMEOUT_S}"], 2, tmp_path / "job.log",
+              env={reward_raises_on_rank1.CALLS_DIR_VAR: str(tmp_path)})  # in the sandbox workers (the default)
     rc = job.wait(JOB_TIMEOUT)
     ended = time.time()
     out = job.output()
