@@ -213,9 +213,6 @@ def _validate_lora(cfg: Config) -> None:
     if lora.sync == "adapter" and lora.rank > 512:
         raise ConfigError(f"model.lora.rank={lora.rank} is above vLLM's largest LoRA rank (512) for "
                           "model.lora.sync=adapter; lower model.lora.rank or set model.lora.sync=merged")
-    if cfg.distributed.placement == "split":
-        raise ConfigError("model.lora.rank > 0 is not supported with distributed.placement=split yet; set "
-                          "distributed.placement=colocate or model.lora.rank=0")
     if cfg.algorithm.adv_estimator == "gae" and cfg.critic.init_from == "actor":
         raise ConfigError("model.lora.rank > 0 with critic.init_from=actor is not supported yet (the critic would "
                           "copy a PEFT model); set critic.init_from=<a reward-model directory> or model.lora.rank=0")

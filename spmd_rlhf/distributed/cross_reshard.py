@@ -25,7 +25,7 @@ gloo moves CPU tensors, NCCL CUDA ones: every buffer lives on ``topo.device``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -103,10 +103,13 @@ class CrossReshard:
     # ---- training ranks -------------------------------------------------------------------
 
     @torch.no_grad()
-    def send(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def send(self, named_params: Iterable[tuple[str, torch.Tensor]],
+             local_block: Callable[[str, DTensor], torch.Tensor] | None = None) -> int:
         """Send every bucket to the generation ranks this rank serves; returns the bytes this rank sent.
 
         Every training rank must call it (the gathers are collective over the training mesh).
+        ``local_block(name, param)``: this rank's FSDP block of what goes out for ``param`` (default
+        its local shard; LoRA's merged block), made as its bucket is gathered.
         """
         assert self.topo.is_training
         params = list(named_params)
@@ -114,7 +117,7 @@ class CrossReshard:
         mine = [(i, dst) for i, dst in enumerate(self.topo.gen_ranks) if self._sender(i) == self.topo.rank]
         sent, in_flight, start = 0, None, 0
         for bucket in self.buckets:
-            full = self._gather(bucket, [p for _, p in params[start:start + len(bucket)]])
+            full = self._gather(bucket, [p for _, p in params[start:start + len(bucket)]], local_block)
             start += len(bucket)
             messages: dict[int, torch.Tensor] = {}
             works = []
@@ -130,14 +133,16 @@ class CrossReshard:
         _wait(in_flight)
         return sent
 
-    def _gather(self, bucket: tuple[ParamSpec, ...], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _gather(self, bucket: tuple[ParamSpec, ...], params: list[torch.Tensor],
+                local_block: Callable[[str, DTensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The bucket's whole tensors in the wire dtype, from every rank's FSDP blocks (one all-gather)."""
         mesh = self.topo.fsdp_mesh
         placements = (Replicate(),) * (mesh.ndim - 1) + (Shard(0),)
         for spec, param in zip(bucket, params):
             assert isinstance(param, DTensor) and param.placements == placements, (spec.name, "FSDP2 Shard(0)")
             assert tuple(param.shape) == spec.shape, (spec.name, param.shape, spec.shape)
-        blocks = [param._local_tensor for param in params]  # FSDP's unpadded torch.chunk block
+        blocks = [param._local_tensor if local_block is None else local_block(spec.name, param)
+                  for spec, param in zip(bucket, params)]  # FSDP's unpadded torch.chunk block
         shards = mesh.size(mesh.ndim - 1)
         if shards == 1:
             return [block.to(self.topo.device, spec.dtype) for spec, block in zip(bucket, blocks)]

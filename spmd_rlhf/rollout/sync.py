@@ -108,12 +108,16 @@ class CrossWeightSync:
     Built on every rank (collective): training rank 0 asks the first generation rank's engine how it
     wants the trainer's plan (``shard_dims``, whole tensors, dtype) and tells the training ranks.
     ``push()`` sends on training ranks (returns the bytes this rank sent) and loads into the
-    engine on generation ranks (returns the bytes this rank received)."""
+    engine on generation ranks (returns the bytes this rank received). A LoRA actor sends its
+    merged weights under the base model's names, each FSDP block merged as its bucket is gathered
+    (``MergedWeights.local_block``): the generation ranks' engines never see an adapter."""
 
     def __init__(self, topo: Topology, bucket_bytes: int, model: torch.nn.Module | None = None,
                  engine: RolloutEngine | None = None):
         assert (model is not None) == topo.is_training and (engine is not None) == topo.is_generating
         self.topo, self.model, self.engine = topo, model, engine
+        self.merged = MergedWeights(model) if model is not None and is_lora(model) else None
+        weights = self.merged or model  # what crosses: the merged view of a LoRA actor
         train0, gen0 = topo.train_ranks[0], topo.gen_ranks[0]
         specs = None
         if topo.rank == gen0:
@@ -123,14 +127,16 @@ class CrossWeightSync:
         if topo.is_training:
             box = [None]
             if topo.rank == train0:
-                send_object(base_shard_dims(model, topo.tp), gen0)
+                send_object(base_shard_dims(weights, topo.tp), gen0)
                 box = [recv_object(gen0)]
             dist.broadcast_object_list(box, src=train0, group=topo.train_group)
             dims, dtype = box[0]
-            specs = param_specs(model.named_parameters(), dims, dtype)
+            specs = param_specs(weights.named_parameters(), dims, dtype)
         self.cross = CrossReshard(topo, specs, bucket_bytes)
 
     def push(self) -> float:
+        if self.merged is not None:
+            return float(self.cross.send(self.merged.named_parameters(), local_block=self.merged.local_block))
         if self.topo.is_training:
             return float(self.cross.send(self.model.named_parameters()))
         self.engine.load_weights(self.cross.receive())

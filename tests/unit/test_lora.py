@@ -46,7 +46,7 @@ def test_lora_mistakes_name_key_and_fix(fields, key: str, fix: str) -> None:
     assert re.search(fix, str(info.value)), str(info.value)
 
 
-def test_adapter_sync_is_refused_under_split_placement() -> None:
+def test_split_placement_takes_merged_sync_and_refuses_adapter_sync() -> None:
     cfg = lora_cfg(sync="adapter")
     cfg.rollout.engine = "vllm"
     validate(cfg, 2)
@@ -54,6 +54,8 @@ def test_adapter_sync_is_refused_under_split_placement() -> None:
     cfg.distributed.generation_ranks = 1
     with pytest.raises(ConfigError, match=r"model.lora.sync=adapter .*distributed.placement=split"):
         validate(cfg, 2)
+    cfg.model.lora.sync = "merged"
+    validate(cfg, 3)
 
 
 def test_lora_refuses_a_critic_copied_from_the_actor() -> None:
