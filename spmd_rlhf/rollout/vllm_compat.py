@@ -272,6 +272,17 @@ def _lora_model_cls():
     return LoRAModel
 
 
+def _check_lora_modules(adapter_manager, tensors: dict[str, torch.Tensor]) -> None:
+    """Every adapted module is one vLLM's LoRA layers cover (it would skip the others silently)."""
+    covered: set[str] = set()
+    for module in adapter_manager.supported_lora_modules:
+        covered.update(adapter_manager.packed_modules_mapping.get(module, [module]))
+    adapted = {name.split(".")[-3] for name in tensors}  # ...<module>.lora_A.weight
+    if adapted - covered:
+        raise ValueError(f"vLLM's LoRA support does not cover {sorted(adapted - covered)} of this model (it covers "
+                         f"{sorted(covered)}); drop them from model.lora.target_modules or set model.lora.sync=merged")
+
+
 def add_lora_tensors(llm, lora_id: int, peft_config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Build vLLM's ``LoRAModel`` from the adapters' tensors (no files) and make it this engine's
     only adapter, under ``lora_id``: what ``WorkerLoRAManager._load_adapter`` does from a directory.
@@ -281,6 +292,7 @@ def add_lora_tensors(llm, lora_id: int, peft_config: dict, tensors: dict[str, to
     from vllm.lora.peft_helper import PEFTHelper
 
     manager = llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager
+    _check_lora_modules(manager._adapter_manager, tensors)
     helper = PEFTHelper.from_dict({**peft_config, "vllm_max_position_embeddings": manager.max_position_embeddings})
     helper.validate_legal(manager.lora_config)
     model = driver_model(llm)
