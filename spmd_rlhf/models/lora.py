@@ -13,6 +13,8 @@ bucket; the model is never merged in place.
 
 ``base_path``: where the frozen base can be read again (``model.path``), recorded with the
 adapters' settings; a checkpoint then keeps only the adapters (``trainer/checkpoint_state.py``).
+``adapter_state``: PEFT's config and the adapters' whole tensors, what ``model.lora.sync=adapter``
+hands to vLLM.
 """
 
 from __future__ import annotations

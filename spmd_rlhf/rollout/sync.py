@@ -8,6 +8,10 @@ size; ``push()`` then moves one version of the weights and returns the bytes thi
 * colocated: every rank reshards its FSDP shards into its own engine (``reshard_stream``), or
   streams whole tensors to an engine that ``wants_full_weights``;
 * split: training ranks send with ``CrossReshard`` and generation ranks load what it receives.
+
+A LoRA actor sends its merged weights (``model.lora.sync=merged``, both placements: each FSDP
+block merged as its bucket goes out), or, colocated with vLLM (``model.lora.sync=adapter``), the
+base weights once and then only the adapters (``VLLMEngine.load_adapter``).
 """
 
 from __future__ import annotations
