@@ -115,9 +115,9 @@ class RewardSandboxConfig:
     max_output_bytes: int = 1048576  # per stream; more kills the program
     max_processes: int = 32  # tasks of the sandbox user (only enforced when run as root)
     max_file_mb: int = 64  # largest file a program may write
-    # reward.custom_function runs in the sandbox workers (a batch in parallel, under timeout_s of reward and
-    # memory_mb, nothing it starts outlives a call); false calls it in the trainer's process (no process
-    # start-up, no limits but reward.timeout_s). No effect without reward.custom_function.
+    # reward.custom_function runs in the sandbox workers (a batch in parallel, each call under reward.timeout_s
+    # and memory_mb; nothing it starts outlives the call); false calls it in the trainer's process (no
+    # limit but reward.timeout_s). No effect without reward.custom_function.
     custom_function: bool = True
 
 
