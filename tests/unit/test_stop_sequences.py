@@ -55,3 +55,15 @@ def test_generation_stops_right_after_a_stop_sequence(world_of_one):
 def test_single_token_stops_are_what_stop_ids_can_honour():
     sampling = SamplingConfig(max_new_tokens=4, stop_sequences=((5,), (7, 8), (3,), (5,)))
     assert sampling.single_token_stops() == [3, 5]
+
+
+def test_vllm_gets_the_one_token_stops_as_stop_ids():
+    from types import SimpleNamespace
+
+    from spmd_rlhf.rollout.vllm_engine import VLLMEngine
+
+    engine = SimpleNamespace(_SamplingParams=dict, eos_ids=[2])  # the parameters as keyword arguments
+    sampling = SamplingConfig(max_new_tokens=4, stop_sequences=((16,), (7, 8)))
+    assert VLLMEngine._params(engine, sampling, seed=1)["stop_token_ids"] == [2, 16]
+    ignoring = SamplingConfig(max_new_tokens=4, ignore_eos=True, stop_sequences=((16,),))
+    assert VLLMEngine._params(engine, ignoring, seed=1)["stop_token_ids"] == [16]
