@@ -48,10 +48,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -245,8 +246,6 @@ IN_MEMORY = "in-memory"  # LoRARequest refuses an empty path; this one is never 
 def lora_engine_kwargs(rank: int) -> dict[str, Any]:
     """``vllm.LLM`` arguments for one LoRA adapter of rank ``rank`` (vLLM's next rank slot up)."""
     try:
-        from typing import get_args
-
         from vllm.config.lora import MaxLoRARanks
         ranks = tuple(get_args(MaxLoRARanks)) or _LORA_RANKS
     except ImportError:
@@ -287,8 +286,6 @@ def add_lora_tensors(llm, lora_id: int, peft_config: dict, tensors: dict[str, to
     """Build vLLM's ``LoRAModel`` from the adapters' tensors (no files) and make it this engine's
     only adapter, under ``lora_id``: what ``WorkerLoRAManager._load_adapter`` does from a directory.
     A request for ``lora_id`` then finds it loaded and never reads its path."""
-    import inspect
-
     from vllm.lora.peft_helper import PEFTHelper
 
     manager = llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager
@@ -296,9 +293,10 @@ def add_lora_tensors(llm, lora_id: int, peft_config: dict, tensors: dict[str, to
     helper = PEFTHelper.from_dict({**peft_config, "vllm_max_position_embeddings": manager.max_position_embeddings})
     helper.validate_legal(manager.lora_config)
     model = driver_model(llm)
-    mapper = getattr(model, "hf_to_vllm_mapper", None)
-    kwargs: dict[str, Any] = {"device": "cpu", "dtype": manager.lora_config.lora_dtype,
-                              "weights_mapper": mapper.get_rename_mapper() if mapper is not None else None}
+    mapper = getattr(model, "hf_to_vllm_mapper", None)  # renames only, as _load_adapter uses it (0.32)
+    if mapper is not None and hasattr(mapper, "get_rename_mapper"):
+        mapper = mapper.get_rename_mapper()
+    kwargs: dict[str, Any] = {"device": "cpu", "dtype": manager.lora_config.lora_dtype, "weights_mapper": mapper}
     cls = _lora_model_cls()
     if "model_vocab_size" in inspect.signature(cls.from_lora_tensors).parameters:  # 0.32
         kwargs["model_vocab_size"] = manager.vocab_size
