@@ -13,6 +13,11 @@ Megatron layout:
   all-reduces); lm_head is column-parallel with the logits gathered to every rank;
 * norms (including Qwen3's per-head q_norm/k_norm) are replicated.
 
+Mixture of experts (Qwen3-MoE, Qwen2-MoE) is expert-parallel: the fused experts
+(``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) split on dim 0, so each tp
+rank holds whole experts (``distributed/expert_parallel.py``); the router (``mlp.gate``) is
+replicated; Qwen2-MoE's shared expert is a dense MLP (column/row-parallel), its gate replicated.
+
 Local heads. HF attention reshapes projections with ``view(*shape, -1, head_dim)``, so it picks
 up the local head count by itself; ``num_key_value_groups`` is the ratio heads / kv-heads, which
 is unchanged when both counts divide by tp. Nothing else reads the global head counts in the
@@ -29,6 +34,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from .expert_parallel import shard_experts
+
 _LAYER = r"model\.layers\.\d+\."
 # (pattern, shard dim); the first match wins.
 _RULES: list[tuple[re.Pattern[str], int | None]] = [
@@ -36,6 +43,10 @@ _RULES: list[tuple[re.Pattern[str], int | None]] = [
     (re.compile(r"lm_head\.weight"), 0),
     (re.compile(_LAYER + r"self_attn\.[qkv]_proj\.(weight|bias)"), 0),
     (re.compile(_LAYER + r"mlp\.(gate|up)_proj\.(weight|bias)"), 0),
+    (re.compile(_LAYER + r"mlp\.experts\.(gate_up_proj|down_proj)"), 0),  # expert parallel: whole experts
+    (re.compile(_LAYER + r"mlp\.(gate|shared_expert_gate)\.weight"), None),  # routers
+    (re.compile(_LAYER + r"mlp\.shared_expert\.(gate|up)_proj\.(weight|bias)"), 0),
+    (re.compile(_LAYER + r"mlp\.shared_expert\.down_proj\.weight"), 1),
     (re.compile(_LAYER + r"(self_attn\.o_proj|mlp\.down_proj)\.weight"), 1),
     (re.compile(_LAYER + r"(self_attn\.o_proj|mlp\.down_proj)\.bias"), None),
     (re.compile(r"model\.(layers\.\d+\.)?([\w.]*\.)?\w*norm\w*\.(weight|bias)"), None),
@@ -76,16 +87,35 @@ def _check_heads(config, tp: int) -> None:
     )
 
 
-def _layer_plan(prefix: str) -> dict[str, object]:
+def _attention_plan(prefix: str) -> dict[str, object]:
     return {
         f"{prefix}.self_attn.q_proj": ColwiseParallel(),
         f"{prefix}.self_attn.k_proj": ColwiseParallel(),
         f"{prefix}.self_attn.v_proj": ColwiseParallel(),
         f"{prefix}.self_attn.o_proj": RowwiseParallel(),
-        f"{prefix}.mlp.gate_proj": ColwiseParallel(),
-        f"{prefix}.mlp.up_proj": ColwiseParallel(),
-        f"{prefix}.mlp.down_proj": RowwiseParallel(),
     }
+
+
+def _mlp_plan(prefix: str) -> dict[str, object]:
+    return {f"{prefix}.gate_proj": ColwiseParallel(), f"{prefix}.up_proj": ColwiseParallel(),
+            f"{prefix}.down_proj": RowwiseParallel()}
+
+
+def _moe_block(layer: nn.Module) -> nn.Module | None:
+    """The layer's sparse MoE block (router ``gate`` + fused ``experts``), None for a dense MLP."""
+    mlp = layer.mlp
+    return mlp if isinstance(getattr(mlp, "experts", None), nn.Module) else None
+
+
+def _layer_plan(prefix: str, layer: nn.Module) -> dict[str, object]:
+    """Attention and dense MLPs (a MoE layer's shared expert too); experts are sharded apart."""
+    plan = _attention_plan(prefix)
+    moe = _moe_block(layer)
+    if moe is None:
+        plan.update(_mlp_plan(f"{prefix}.mlp"))
+    elif isinstance(getattr(moe, "shared_expert", None), nn.Module):
+        plan.update(_mlp_plan(f"{prefix}.mlp.shared_expert"))
+    return plan
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
@@ -104,10 +134,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
         "lm_head": ColwiseParallel(output_layouts=Replicate()),
     }
-    for index in range(len(model.model.layers)):
-        plan.update(_layer_plan(f"model.layers.{index}"))
+    for index, layer in enumerate(model.model.layers):
+        plan.update(_layer_plan(f"model.layers.{index}", layer))
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(model, tp_mesh, plan)
+    for layer in model.model.layers:
+        moe = _moe_block(layer)
+        if moe is not None:
+            shard_experts(moe.experts, tp, tp_mesh.get_local_rank(), tp_mesh.get_group())
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

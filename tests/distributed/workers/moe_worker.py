@@ -5,6 +5,9 @@ through FSDP2, both weight syncs, the TorchEngine and one GRPO step.
 * ``syncs_identical``: ``reshard_stream`` (tp slices; whole tensors at tp = 1) and
   ``full_tensor_stream`` give two TorchEngines bit-identical weights, equal to the model's;
 * ``engine_logprobs``: the engine's greedy logprobs match a plain HF forward within 1e-4;
+* ``expert_parallel`` (2 ranks): a tp = 2 TorchEngine holds 2 of the 4 experts per rank (the
+  reshard's dim-0 slices of ``param_shard_dims``) and generates the tp = 1 engine's greedy tokens,
+  its logprobs within 1e-4 of a plain HF forward;
 * ``grpo_step``: one on-policy GRPO step of the ``Actor`` on a fixed global batch (8 prompts x 4
   responses, fixed rewards), this rank's rows only. The router balance loss is off: it is taken
   per micro-batch (``models/moe.py``), so it depends on how rows split into micro-batches and
@@ -25,9 +28,9 @@ from torch.distributed.tensor import DTensor
 from spmd_rlhf.algorithms.advantages import broadcast_to_tokens, grpo_advantages
 from spmd_rlhf.config import AlgorithmConfig
 from spmd_rlhf.data.batch import collate, response_tensor
-from spmd_rlhf.distributed.reshard import full_tensor_stream, reshard_stream
-from spmd_rlhf.distributed.topology import init_distributed, shutdown
-from spmd_rlhf.distributed.tp_plan import replicated_dims
+from spmd_rlhf.distributed.reshard import full_tensor_stream, reshard_stream, tp_chunk
+from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
+from spmd_rlhf.distributed.tp_plan import param_shard_dims, replicated_dims
 from spmd_rlhf.models.parallelize import parallelize
 from spmd_rlhf.rollout.base import SamplingConfig
 from spmd_rlhf.rollout.torch_engine import TorchEngine
@@ -84,6 +87,26 @@ def check_engine_logprobs(engine: TorchEngine, full) -> None:
         torch.testing.assert_close(torch.tensor(logprobs), hf_logprobs(full, prompt, tokens), atol=1e-4, rtol=0)
 
 
+def check_expert_parallel(full, tp2: Topology, tp1_engine: TorchEngine) -> None:
+    actor = parallelize(copy.deepcopy(full), tp2.fsdp_mesh, tp2.device, router_aux_loss_coef=0.0)
+    dims = param_shard_dims(actor)
+    engine = TorchEngine(full.config, tp2.gen_mesh, tp2.device, torch.float32, [EOS], 0)
+    engine.load_weights(reshard_stream(actor.named_parameters(), dims, tp2.reshard_mesh, 4096))
+    whole = dict(full.named_parameters())
+    for name, param in engine.model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        expected = whole[name] if dims[name] is None else tp_chunk(whole[name], dims[name], 2, tp2.tp_rank)
+        assert torch.equal(local, expected), name
+    assert engine.model.get_parameter("model.layers.0.mlp.experts.gate_up_proj").shape[0] == 2
+    prompts = random_prompts(7, 15, seed=1, low=3)
+    lo, hi = (0, 4) if tp2.tp_rank == 0 else (4, 7)  # uneven shares of one tp group
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    got, want = engine.generate(prompts[lo:hi], greedy), tp1_engine.generate(prompts[lo:hi], greedy)
+    assert got.token_ids == want.token_ids, (got.token_ids, want.token_ids)
+    for prompt, tokens, logprobs in zip(prompts[lo:hi], got.token_ids, got.logprobs):
+        torch.testing.assert_close(torch.tensor(logprobs), hf_logprobs(full, prompt, tokens), atol=1e-4, rtol=0)
+
+
 def fixed_rollout() -> tuple[list[list[int]], list[list[int]]]:
     """Every (prompt, response) row of the global batch, prompt-major; lengths vary."""
     gen = torch.Generator().manual_seed(1234)
@@ -122,6 +145,9 @@ def main() -> None:
     passed.append("syncs_identical")
     check_engine_logprobs(engine, full)
     passed.append("engine_logprobs")
+    if world == 2:
+        check_expert_parallel(full, init_distributed(1, 2, 120), engine)
+        passed.append("expert_parallel")
     optimizer = torch.optim.AdamW(actor_model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, 0.0, topo.device)
