@@ -2,9 +2,9 @@
 against merged sync of the same LoRA actor.
 
 Both ranks hold the same tiny fp32 Qwen2 (head_dim 32) with the same PEFT adapters (rank 8, B
-random so the adapters matter). Rank 0's engine is built with vLLM's LoRA support and synced with
-``model.lora.sync=adapter`` (the base once, then the adapters from memory); rank 1's is a plain
-engine synced with ``model.lora.sync=merged``. Both generate the same prompts, greedy and sampled
+random so the adapters matter). Both engines come from ``build_engine``: rank 0's with vLLM's
+LoRA support, synced with ``model.lora.sync=adapter`` (the base once, then the adapters from
+memory); rank 1's a plain engine synced with ``model.lora.sync=merged``. Both generate the same prompts, greedy and sampled
 with per-prompt seeds. ``argv[1]``: output prefix; rank 0 writes ``<prefix>.json`` with, per
 round (before and after the adapters move): whether both ranks drew the same tokens, the largest
 log-prob gap between them, each rank's largest gap to the actor's own (PEFT) log-probs, the gap to
@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen2Config
 
+from spmd_rlhf.config import Config
 from spmd_rlhf.config.schema import LoraConfig
 from spmd_rlhf.distributed.topology import init_distributed, shutdown
 from spmd_rlhf.models.lora import add_lora
 from spmd_rlhf.rollout.base import SamplingConfig
+from spmd_rlhf.rollout.build import build_engine
 from spmd_rlhf.rollout.sync import WeightSync
-from spmd_rlhf.rollout.vllm_engine import VLLMEngine
 from tests.distributed.workers.tiny import hf_logprobs, random_prompts, tiny_model
 
 VOCAB, EOS, RANK = 37, 36, 8
@@ -38,6 +39,15 @@ def config() -> Qwen2Config:
     return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                        tie_word_embeddings=True, use_sliding_window=False)
+
+
+def run_config(adapter: bool) -> Config:
+    """The settings ``build_engine`` reads: vLLM, LoRA of rank 8, synced as adapters or merged."""
+    cfg = Config()
+    cfg.rollout.engine, cfg.rollout.weight_sync = "vllm", "full"
+    cfg.data.max_prompt_length, cfg.rollout.max_new_tokens = 32, 32
+    cfg.model.lora.rank, cfg.model.lora.sync = RANK, "adapter" if adapter else "merged"
+    return cfg
 
 
 @torch.no_grad()
@@ -57,8 +67,7 @@ def main() -> None:
     base = tiny_model(config(), seed=0)
     actor = add_lora(copy.deepcopy(base), LoraConfig(rank=RANK, alpha=2.0 * RANK,
                                                      sync="adapter" if adapter else "merged"))
-    engine = VLLMEngine(base.config, topo.gen_mesh, topo.device, torch.float32, [EOS], weight_sync="full",
-                        max_model_len=64, kv_cache_gib=1, enforce_eager=True, lora_rank=RANK if adapter else 0)
+    engine = build_engine(run_config(adapter), topo, base.config, [EOS], pad_id=0)
     sync = WeightSync(engine, actor, topo, bucket_bytes=2048)
     adapter_bytes = sum(p.numel() * 4 for n, p in actor.named_parameters() if ".lora_" in n)
     base_bytes = sum(p.numel() * 4 for _, p in base.named_parameters())
