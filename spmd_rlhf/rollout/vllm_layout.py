@@ -4,7 +4,11 @@ The trainer streams this rank's tp slices in HF naming (``reshard_stream`` with 
 ``distributed/tp_plan.py``); ``copy_tp_slice`` writes each into vLLM's parameter: q/k/v into
 ``qkv_proj`` (that order on dim 0), gate/up into ``gate_up_proj``, vocab rows at the offset of
 this rank's vocab shard (padding rows zeroed; logits are cut to the true vocab), everything else
-as is. Plans: Qwen2, Qwen3 (q_norm/k_norm), Llama. vLLM pads the vocab to a multiple of 64 and
+as is. Plans: Qwen2, Qwen3 (q_norm/k_norm), Llama, and their MoE variants: a fused-experts slice
+(``mlp.experts.gate_up_proj`` / ``down_proj``, whole experts: the plan's dim 0) lands as it is in
+vLLM's ``w13_weight`` / ``w2_weight`` (under ``routed_experts.`` in vLLM 0.32), which has that
+layout ([gate; up] on dim 1) when vLLM runs the experts expert-parallel (``enable_expert_parallel``,
+linear placement; at tp = 1 every expert); Qwen2-MoE's shared expert fuses like a dense MLP. vLLM pads the vocab to a multiple of 64 and
 splits the padded rows evenly, so torch.chunk's slices are its shards only when the vocab is a
 multiple of 64 (true of Qwen2.5/Qwen3/Llama 3); otherwise the two vocab tensors travel whole
 (``vllm_shard_dims``) and are cut here. Pure: no vLLM needed.
@@ -26,6 +30,8 @@ _FUSED_PARTS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": 
                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 _FUSED_NAME = re.compile(r"(?P<prefix>.*\.)(?P<part>q_proj|k_proj|v_proj|gate_proj|up_proj)\.(?P<kind>weight|bias)")
 _PARTS_PER_FUSED = {"qkv_proj": 3, "gate_up_proj": 2}
+_EXPERTS_NAME = re.compile(r"(?P<prefix>.*\.mlp\.experts\.)(?P<part>gate_up_proj|down_proj)")
+_VLLM_EXPERTS = {"gate_up_proj": "w13_weight", "down_proj": "w2_weight"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class FusedLayout:
     mlp_rows: int  # intermediate_size / tp
     vocab_size: int  # the true vocabulary (vLLM pads its rows)
     vocab_whole: bool = False  # vocab tensors arrive whole, not as torch.chunk slices
+    shared_rows: int = 0  # Qwen2-MoE: shared_expert_intermediate_size / tp
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, tp_size: int, tp_rank: int, vocab_whole: bool = False) -> FusedLayout:
@@ -50,12 +57,14 @@ class FusedLayout:
             f"distributed.tp={tp_size} must divide num_attention_heads={heads}, num_key_value_heads={kv_heads} "
             f"and intermediate_size={config.intermediate_size} for rollout.weight_sync=dtensor (check_tp_shapes)"
         )
+        shared = getattr(config, "shared_expert_intermediate_size", None) or 0
         return cls(tp_size, tp_rank, heads // tp_size * head_dim, kv_heads // tp_size * head_dim,
-                   config.intermediate_size // tp_size, config.vocab_size, vocab_whole)
+                   config.intermediate_size // tp_size, config.vocab_size, vocab_whole, shared // tp_size)
 
-    def part_rows(self, fused: str, part: int) -> tuple[int, int]:
+    def part_rows(self, fused: str, part: int, shared_expert: bool = False) -> tuple[int, int]:
         """``(offset, rows)`` of part ``part`` in this rank's fused parameter."""
-        sizes = [self.q_rows, self.kv_rows, self.kv_rows] if fused == "qkv_proj" else [self.mlp_rows, self.mlp_rows]
+        mlp = self.shared_rows if shared_expert else self.mlp_rows
+        sizes = [self.q_rows, self.kv_rows, self.kv_rows] if fused == "qkv_proj" else [mlp, mlp]
         return sum(sizes[:part]), sizes[part]
 
     def vocab_rows(self, padded_rows_per_rank: int) -> tuple[int, int]:
@@ -91,11 +100,14 @@ def copy_tp_slice(params: dict[str, torch.Tensor], name: str, piece: torch.Tenso
     ``params`` is vLLM's ``named_parameters()`` on this rank (fused q/k/v and gate/up, vocab
     rows padded per rank). Shapes are checked; a mismatch raises instead of copying.
     """
+    experts = _EXPERTS_NAME.fullmatch(name)
+    if experts:
+        return _copy_experts(params, name, piece, experts["prefix"], _VLLM_EXPERTS[experts["part"]])
     match = _FUSED_NAME.fullmatch(name)
     if match:
         fused, part = _FUSED_PARTS[match["part"]]
         target = f"{match['prefix']}{fused}.{match['kind']}"
-        offset, rows = layout.part_rows(fused, part)
+        offset, rows = layout.part_rows(fused, part, shared_expert=match["prefix"].endswith(".shared_expert."))
         dest = _param(params, target, name)
         _check(piece.shape[0] == rows and piece.shape[1:] == dest.shape[1:] and offset + rows <= dest.shape[0],
                name, piece, f"rows [{offset}, {offset + rows}) of {target} {tuple(dest.shape)}")
@@ -115,6 +127,18 @@ def copy_tp_slice(params: dict[str, torch.Tensor], name: str, piece: torch.Tenso
     _check(piece.shape == dest.shape, name, piece, f"{name} {tuple(dest.shape)}")
     dest.copy_(piece)
     return name
+
+
+def _copy_experts(params: dict[str, torch.Tensor], name: str, piece: torch.Tensor, prefix: str, vllm_name: str) -> str:
+    """This rank's whole experts into vLLM's fused-MoE weight (``routed_experts.`` in vLLM 0.32)."""
+    target = next((t for t in (f"{prefix}routed_experts.{vllm_name}", f"{prefix}{vllm_name}") if t in params),
+                  f"{prefix}{vllm_name}")
+    dest = _param(params, target, name)
+    _check(piece.shape == dest.shape, name, piece,
+           f"{target} {tuple(dest.shape)} (whole experts per rank: run vLLM with enable_expert_parallel at tp > 1, "
+           "or set rollout.weight_sync=full)")
+    dest.copy_(piece)
+    return target
 
 
 def _param(params: dict[str, torch.Tensor], target: str, source: str) -> torch.Tensor:
