@@ -62,7 +62,8 @@ def main() -> None:
                 want = dict(copy.deepcopy(peft).merge_and_unload().named_parameters())
                 assert sorted(got) == sorted(want), (sorted(got), sorted(want))
                 for name, tensor in want.items():
-                    assert torch.allclose(got[name], tensor, atol=ATOL, rtol=0), (name, (got[name] - tensor).abs().max())
+                    gap = (got[name] - tensor).abs().max()
+                    assert torch.allclose(got[name], tensor, atol=ATOL, rtol=0), (name, gap)
                 base_weights = dict(base.named_parameters())
                 assert max(float((got[n] - base_weights[n]).abs().max()) for n in want) > 1e-2, "adapters matter"
                 assert moved == sum(t.numel() * t.element_size() for t in want.values())

@@ -4,8 +4,8 @@ against merged sync of the same LoRA actor.
 Both ranks hold the same tiny fp32 Qwen2 (head_dim 32) with the same PEFT adapters (rank 8, B
 random so the adapters matter). Both engines come from ``build_engine``: rank 0's with vLLM's
 LoRA support, synced with ``model.lora.sync=adapter`` (the base once, then the adapters from
-memory); rank 1's a plain engine synced with ``model.lora.sync=merged``. Both generate the same prompts, greedy and sampled
-with per-prompt seeds. ``argv[1]``: output prefix; rank 0 writes ``<prefix>.json`` with, per
+memory); rank 1's a plain engine synced with ``model.lora.sync=merged``. Both generate the same
+prompts, greedy and sampled with per-prompt seeds. ``argv[1]``: output prefix; rank 0 writes ``<prefix>.json`` with, per
 round (before and after the adapters move): whether both ranks drew the same tokens, the largest
 log-prob gap between them, each rank's largest gap to the actor's own (PEFT) log-probs, the gap to
 the base model without adapters, the bytes rank 0's push moved, the adapters' and the base's bytes.
