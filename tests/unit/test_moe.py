@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from torch.distributed.tensor import DTensor, Shard
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from spmd_rlhf.config import Config, ConfigError, validate
@@ -18,10 +18,14 @@ from spmd_rlhf.models.parallelize import parallelize
 COEF = 0.5  # large, so the balance term's share of the router gradient is far above float noise
 
 
-def tiny_moe(seed: int = 0) -> torch.nn.Module:
-    config = Qwen3MoeConfig(vocab_size=15, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+def tiny_moe(seed: int = 0, family: str = "qwen3_moe") -> torch.nn.Module:
+    common = dict(vocab_size=15, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=32)
+    if family == "qwen3_moe":
+        config = Qwen3MoeConfig(head_dim=16, **common)
+    else:  # Qwen2-MoE: a shared expert beside the routed ones
+        config = Qwen2MoeConfig(shared_expert_intermediate_size=48, **common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -53,9 +57,10 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_hooked_gradient_is_loss_plus_coef_times_layer_mean():
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_hooked_gradient_is_loss_plus_coef_times_layer_mean(family):
     ids_BT, mask_BT = batch()
-    hooked, plain = tiny_moe(), tiny_moe()
+    hooked, plain = tiny_moe(family=family), tiny_moe(family=family)
     aux = install_router_aux_loss(hooked, hooked.get_decoder(), COEF)
     hooked.train(), plain.train()
 
