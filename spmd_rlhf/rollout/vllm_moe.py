@@ -36,3 +36,15 @@ def repack_cpu_experts(model: torch.nn.Module) -> int:
         assert kernel is not None, "the engine has not loaded its weights once yet"
         kernel.fused_experts.process_weights_after_loading(layer)
     return len(layers)
+
+
+def num_experts(hf_config) -> int:
+    """Routed experts per MoE layer (Qwen2/Qwen3-MoE ``num_experts``, Mixtral ``num_local_experts``); 0 if dense."""
+    return int(getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) or 0)
+
+
+def expert_parallel(hf_config, tp: int) -> bool:
+    """Whether vLLM must run the experts expert-parallel (``enable_expert_parallel``): at tp > 1 for
+    a MoE model, so that each rank holds the whole experts the weight sync sends it (the plan's dim
+    0, ``distributed/tp_plan.py``), the same block as the TorchEngine's."""
+    return tp > 1 and num_experts(hf_config) > 0

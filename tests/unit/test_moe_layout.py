@@ -61,3 +61,14 @@ def test_shared_expert_fuses_with_its_own_rows():
     copy_tp_slice(params, "model.layers.0.mlp.shared_expert.gate_proj.weight", gate, layout())
     copy_tp_slice(params, "model.layers.0.mlp.shared_expert.up_proj.weight", up, layout())
     assert torch.equal(params["model.layers.0.mlp.shared_expert.gate_up_proj.weight"], torch.cat([gate, up]))
+
+
+def test_vllm_runs_moe_expert_parallel_at_tp_above_one():
+    from transformers import Qwen2Config
+
+    from spmd_rlhf.rollout.vllm_moe import expert_parallel, num_experts
+
+    moe = qwen2_moe().config
+    assert num_experts(moe) == 4 and expert_parallel(moe, 2) and not expert_parallel(moe, 1)
+    dense = Qwen2Config(vocab_size=64, hidden_size=32, num_attention_heads=2)
+    assert num_experts(dense) == 0 and not expert_parallel(dense, 2)
