@@ -48,6 +48,7 @@ from .rollout.scoring import Scoring
 from .rollout.sync import CrossWeightSync, WeightSync, bucket_bytes_of
 from .rollout.worker import GenerationWorker
 from .rollout.vllm_checks import check_vllm
+from .rollout.vllm_moe import num_experts
 from .tasks.arithmetic import AdditionTask
 from .trainer.actor import Actor
 from .trainer.checkpoint import CheckpointError, CheckpointManager
@@ -287,7 +288,7 @@ def preflight(cfg: Config, world_size: int, config_dict: dict | None = None):
         hf_config = model_config(cfg, tokenizer)
         heads = hf_config.num_attention_heads
         check_tp_shapes(cfg, heads, getattr(hf_config, "num_key_value_heads", None) or heads,
-                        hf_config.intermediate_size)
+                        hf_config.intermediate_size, num_experts(hf_config))
         check_context_length(cfg, max_positions(hf_config))
         check_vllm(cfg, hf_config)
         train, val = load_data(cfg, tokenizer)

@@ -39,7 +39,7 @@ def dedicated_generation_ranks(cfg: Config) -> int:
     return cfg.distributed.generation_ranks if is_split(cfg) else 0
 
 
-def check_tp_shapes(cfg: Config, heads: int, kv_heads: int, intermediate_size: int) -> None:
+def check_tp_shapes(cfg: Config, heads: int, kv_heads: int, intermediate_size: int, num_experts: int = 0) -> None:
     """Raise ``ConfigError`` unless ``distributed.tp`` splits the policy's shapes as the engine needs.
 
     The one owner of the heads-versus-tp rule, called before any process group with the numbers
@@ -47,10 +47,15 @@ def check_tp_shapes(cfg: Config, heads: int, kv_heads: int, intermediate_size: i
     engine and vLLM's ``dtensor`` weight sync slice q/k/v (and, for vLLM, the MLP) with
     ``torch.chunk``, so tp must divide each; vLLM with ``rollout.weight_sync=full`` loads whole
     tensors itself and may replicate key/value heads instead (tp a multiple of them).
+    A mixture of experts runs expert-parallel at tp > 1: tp must divide ``num_experts`` (0: dense).
     The sequence-parallel rule (``check_sp_shapes``) is checked first, with the same numbers.
     """
     check_sp_shapes(cfg, heads, kv_heads)
     tp, engine, sync = cfg.distributed.tp, cfg.rollout.engine, cfg.rollout.weight_sync
+    if num_experts and num_experts % tp:
+        below = max(d for d in range(1, tp + 1) if num_experts % d == 0)
+        raise ConfigError(f"distributed.tp={tp} must divide the model's num_experts={num_experts} (each generation "
+                          f"rank holds whole experts, 1/tp of them); set distributed.tp={below} or another divisor")
     whole_tensors = engine == "vllm" and sync == "full"
     kv_ok = kv_heads % tp == 0 or (whole_tensors and tp % kv_heads == 0)
     mlp_ok = engine != "vllm" or intermediate_size % tp == 0

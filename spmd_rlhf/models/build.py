@@ -31,7 +31,8 @@ def build_models(cfg: Config, topo: Topology, hf_config: PretrainedConfig) -> Mo
     m = cfg.model
     model = parallelize(model, topo.fsdp_mesh, topo.device, m.activation_checkpointing, trainable=True,
                         checkpoint_every=m.activation_checkpointing_every,
-                        compile_layers=compile_layers(cfg, topo.device.type), cpu_offload=cfg.trainer.cpu_offload)
+                        compile_layers=compile_layers(cfg, topo.device.type), cpu_offload=cfg.trainer.cpu_offload,
+                        router_aux_loss_coef=m.moe.router_aux_loss_coef)
     return Models(actor=model, hf_config=hf_config)
 
 

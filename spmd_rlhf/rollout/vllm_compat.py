@@ -56,6 +56,8 @@ from typing import Any, get_args
 
 import torch
 
+from spmd_rlhf.rollout.vllm_moe import repack_cpu_experts
+
 # The layerwise reload warns "RotaryEmbedding: Failed to load weights" on every CPU sync: the
 # rotary cos/sin cache is a buffer no checkpoint holds, and it is rightly kept as it was.
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
@@ -164,6 +166,7 @@ def load_full_weights(llm, weights: Iterable[tuple[str, torch.Tensor]], device_t
     finally:
         logging.getLogger(_RELOAD_LOGGER).setLevel(previous)
     _repack_kept_weights(driver_model(llm))
+    repack_cpu_experts(driver_model(llm))  # vLLM packs MoE experts for its CPU kernel at the first load only
 
 
 def _repack_kept_weights(model: torch.nn.Module) -> None:

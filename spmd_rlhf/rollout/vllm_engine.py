@@ -62,6 +62,7 @@ from spmd_rlhf.rollout.vllm_layout import (
 )
 from spmd_rlhf.rollout.vllm_lora import VLLMAdapters
 from spmd_rlhf.rollout.vllm_memory import VLLMMemory
+from spmd_rlhf.rollout.vllm_moe import expert_parallel
 from spmd_rlhf.rollout.vllm_world import VLLMWorld, preserved_rng, write_config
 
 log = logging.getLogger("spmd_rlhf")
@@ -147,6 +148,7 @@ class VLLMEngine(EngineBase):
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             trust_remote_code=trust_remote_code,
+            enable_expert_parallel=expert_parallel(hf_config, self.tp) or None,  # whole experts per tp rank
             **compat.engine_kwargs(self.device.type, kv_cache_gib=kv_cache_gib,
                                    gpu_memory_utilization=gpu_memory_utilization, sleep_mode=self._memory.enabled),
             **(VLLMAdapters.engine_kwargs(lora_rank) if lora_rank > 0 else {}),

