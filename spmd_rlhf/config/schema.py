@@ -146,7 +146,7 @@ class VLLMConfig:
     kv_cache_gib: float = 1.0  # CPU: KV-cache size per rank
     sleep_level: int = 2  # CUDA: 1 offloads weights to host, 2 discards them (re-synced every step)
     enable_prefix_caching: bool = True
-    log_level: str = "WARNING"  # vLLM's own logger (its per-step INFO lines); INFO or DEBUG to see them
+    log_level: str = "WARNING"  # vLLM's own logger (its per-step INFO lines) and its loading bars; INFO or DEBUG to see them
     # a seed per request (from rollout.seed, the step and the row): samples independent of batching and of the
     # engine's RNG history; false lets vLLM sample all requests from one generator (no per-request loop)
     seed_per_request: bool = True

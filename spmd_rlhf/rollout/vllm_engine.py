@@ -148,6 +148,7 @@ class VLLMEngine(EngineBase):
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             trust_remote_code=trust_remote_code,
+            use_tqdm_on_load=log_level.upper() in ("DEBUG", "INFO"),  # weight-loading and CUDA-graph capture bars
             enable_expert_parallel=expert_parallel(hf_config, self.tp) or None,  # whole experts per tp rank
             **compat.engine_kwargs(self.device.type, kv_cache_gib=kv_cache_gib,
                                    gpu_memory_utilization=gpu_memory_utilization, sleep_mode=self._memory.enabled),
