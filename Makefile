@@ -33,8 +33,8 @@ $(VENV)/.vllm-installed: $(VENV)/.installed
 	fi
 	touch $@
 
-run: setup
-	$(PY) -m torch.distributed.run --nproc-per-node $(NPROC) -m spmd_rlhf.train $(ARGS)
+run: setup  # through the launcher: the configuration is checked once before the ranks start
+	PYTHON=$(PY) NPROC=$(NPROC) NNODES=1 RDZV_ENDPOINT= bash launch/torchrun.sh $(ARGS)
 
 test: setup setup-vllm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
