@@ -180,13 +180,13 @@ def shape_cases(args) -> list[dict]:
 
 
 def context_cases(args) -> list[dict]:
-    """Response lengths for ``--context``, shortest first, checkpointing on and off."""
+    """Response lengths for ``--context``, shortest first, with each checkpointing setting."""
     lens = sorted(int(x) for x in args.context_lens.split(","))
     return [dict(base_spec(args), shape=args.context, mode=args.context_mode, prompts=1, n=args.context_samples,
                  gen_len=length, micro_batch=1, ac_every=ac, steps=args.context_steps,
-                 max_tokens=max(args.max_tokens, args.prompt_len + length),
+                 max_tokens=args.prompt_len + length,  # one sequence per micro-batch
                  group=f"context,ac={'on' if ac else 'off'}", **MODES[args.context_mode])
-            for length in lens for ac in (1, 0)]
+            for length in lens for ac in [int(a == "on") for a in args.context_ac.split(",")]]
 
 
 def classify(rc: int, output: str) -> tuple[str, str]:
@@ -252,13 +252,13 @@ def launch(spec: dict, timeout_s: float) -> dict:
 
 
 def lower_bound_gib(spec: dict) -> tuple[float, float]:
-    """(device, host) GiB a case needs at least: fp32 master weights (+ fp32 gradients and two Adam
-    moments where they train), on the device or, offloaded, on the host, which also holds the
-    model's fp32 random init while it is built."""
+    """(device, host) GiB a case needs at least: the actor's fp32 weights (+ fp32 gradients and two
+    Adam moments where they train) on the device, beside vLLM's bf16 weights, or, offloaded, on the
+    host, which holds the fp32 random init in any case while the model is built."""
     p = param_count(spec["shape"])
     state = 4 * p if spec.get("lora_rank") else 16 * p
-    host = 4 * p + (state if spec.get("cpu_offload") else 0)
-    return (0 if spec.get("cpu_offload") else state) / GiB, host / GiB
+    offload = spec.get("cpu_offload", False)
+    return (2 * p + (0 if offload else state)) / GiB, (state if offload else 4 * p) / GiB
 
 
 def memory_gib() -> tuple[float | None, float]:
@@ -356,6 +356,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", default=None, help="a shape: find the longest response it trains instead")
     p.add_argument("--context-lens", default="2048,4096,8192,16384,32768")
     p.add_argument("--context-mode", default="full", choices=sorted(MODES))
+    p.add_argument("--context-ac", default="on,off", help="activation checkpointing settings to try")
     p.add_argument("--context-samples", type=int, default=2)
     p.add_argument("--context-steps", type=int, default=1, help="steps per context case (decoding 32k is slow)")
     p.add_argument("--engine", default="vllm", choices=["vllm", "torch"])

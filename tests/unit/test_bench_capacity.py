@@ -52,7 +52,12 @@ def test_weights_and_optimizer_state_beyond_memory_are_skipped():
     offload14 = dict(shape="14b", group="offload", prompt_len=128, gen_len=512, cpu_offload=True)
     assert "host memory" in cap.skip_reason(offload14, {}, {}, 1e9, 60, (139.8, 125.0))
     lora14 = dict(shape="14b", group="lora", prompt_len=128, gen_len=512, lora_rank=16)
-    assert cap.skip_reason(lora14, {}, {}, 1e9, 60, (139.8, 125.0)) is None  # 55 GiB of fp32 base
+    assert cap.skip_reason(lora14, {}, {}, 1e9, 60, (139.8, 125.0)) is None  # 55 GiB fp32 base + 27.5 bf16
+    assert "device memory" in cap.skip_reason(lora14, {}, {}, 1e9, 60, (79.2, 125.0))  # an H100
+    lora32 = dict(lora14, shape="32b")
+    assert "device memory" in cap.skip_reason(lora32, {}, {}, 1e9, 60, (139.8, 125.0))
+    full7 = dict(full32, shape="7b")
+    assert cap.skip_reason(full7, {}, {}, 1e9, 60, (139.8, 125.0)) is None  # 113.5 + 14.2 GiB: try it
 
 
 def test_a_failed_child_is_classified_with_its_error_line():
