@@ -80,9 +80,9 @@ def kv_bytes_per_token(shape: str) -> int:  # bf16 keys and values of every laye
 def case_args(spec: dict) -> argparse.Namespace:
     """``bench_step``'s argument namespace for one case."""
     return argparse.Namespace(engine=spec["engine"], n=spec["n"], gen_len=spec["gen_len"],
-                              prompt_len=spec["prompt_len"], train_prompts=spec["prompts"], micro_batch=spec["micro_batch"], seed_per_request=1,
-                              gpu_memory_utilization=0.5, ac_every=spec["ac_every"], compile=spec["compile"],
-                              chunk_tokens=4096)
+                              prompt_len=spec["prompt_len"], train_prompts=spec["prompts"],
+                              micro_batch=spec["micro_batch"], seed_per_request=1, gpu_memory_utilization=0.5,
+                              ac_every=spec["ac_every"], compile=spec["compile"], chunk_tokens=4096)
 
 
 def engine_memory_share(spec: dict) -> float:
