@@ -43,18 +43,6 @@ from bench_colocate import SHAPES, qwen2_config  # noqa: E402
 from bench_step import PHASES, build_trainer, make_config, run_steps  # noqa: E402
 
 GiB = 2**30
-# Qwen2.5 3B / 7B / 14B / 32B (their published config.json); merged into bench_colocate's table
-MORE_SHAPES = {
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
-                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
-    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
-}
-SHAPES.update({name: shape for name, shape in MORE_SHAPES.items() if name not in SHAPES})
 MODES = {"full": {}, "offload": {"cpu_offload": True}, "lora": {"lora_rank": 16}}
 OOM_MARKS = ("OutOfMemoryError", "CUDA out of memory", "out of memory", "Cannot allocate memory")
 
