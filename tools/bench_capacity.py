@@ -190,7 +190,7 @@ def classify(rc: int, output: str) -> tuple[str, str]:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun's workers start sessions of their own)."""
+    """Every process below ``pid`` (torchrun's workers call setsid, so they leave torchrun's process group)."""
     parent = {}
     for entry in os.listdir("/proc"):
         try:

@@ -18,7 +18,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import AutoModelForCausalLM
 
 from spmd_rlhf.config import micro_batch_tokens
-from spmd_rlhf.data.datasets import PromptExample
 from spmd_rlhf.data.loader import PromptLoader
 from spmd_rlhf.distributed.reshard import full_tensor_stream, reshard_stream
 from spmd_rlhf.distributed.topology import Topology, init_distributed, shutdown
@@ -29,15 +28,14 @@ from spmd_rlhf.rollout.generation import Generation
 from spmd_rlhf.rollout.local import LocalRollouts
 from spmd_rlhf.rollout.scoring import Scoring
 from spmd_rlhf.rollout.sync import WeightSync
-from spmd_rlhf.tasks.arithmetic import build_tokenizer, tiny_model_config
 from spmd_rlhf.train import build_optimizer
 from spmd_rlhf.trainer.actor import Actor
 from spmd_rlhf.trainer.loop import Trainer, TrainerParts
 from spmd_rlhf.trainer.metrics import reduce_metrics
 from spmd_rlhf.trainer.micro import MicroBatcher
 from spmd_rlhf.trainer.offload import ActorOffload
-from tests.distributed.workers.grpo_step_worker import (ACTOR_SEED, METRICS, PROMPTS, REWARDS, FixedEngine, ZeroScorer,
-                                                        fixed_rollout, full_weights, make_config)
+from tests.distributed.workers.grpo_step_worker import (ACTOR_SEED, METRICS, PROMPTS, REWARDS, ZeroScorer,
+                                                        fixed_setup, full_weights, make_config)
 
 RUNS = {"plain": (False, None), "offload": (True, None), "offload_fused": (True, True)}  # (cpu_offload, fused)
 
@@ -129,11 +127,7 @@ def run(name: str, topo: Topology, tokenizer, hf_config, examples, engine) -> di
 def main() -> None:
     out_path = sys.argv[1]
     topo = init_distributed(1, 1, 120)
-    tokenizer = build_tokenizer()
-    hf_config = tiny_model_config(len(tokenizer), 32, 2, 4, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    prompt_ids, responses = fixed_rollout(len(tokenizer), tokenizer.eos_token_id)
-    examples = [PromptExample(ids, "fixed", "", index=i) for i, ids in enumerate(prompt_ids)]
-    engine = FixedEngine({tuple(p): r for p, r in zip(prompt_ids, responses)})
+    tokenizer, hf_config, examples, engine = fixed_setup()
     results = {name: run(name, topo, tokenizer, hf_config, examples, engine) for name in RUNS}
     if topo.is_main:
         torch.save({"world": topo.world_size, "runs": results}, out_path)

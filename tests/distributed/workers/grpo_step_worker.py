@@ -79,6 +79,16 @@ class ZeroScorer:
         return [0.0] * len(texts), {}
 
 
+def fixed_setup():
+    """``(tokenizer, hf_config, examples, engine)``: the tiny model's config, the fixed prompts and
+    an engine that answers each with its fixed responses."""
+    tokenizer = build_tokenizer()
+    hf_config = tiny_model_config(len(tokenizer), 32, 2, 4, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompt_ids, responses = fixed_rollout(len(tokenizer), tokenizer.eos_token_id)
+    examples = [PromptExample(ids, "fixed", "", index=i) for i, ids in enumerate(prompt_ids)]
+    return tokenizer, hf_config, examples, FixedEngine({tuple(p): r for p, r in zip(prompt_ids, responses)})
+
+
 class FixedEngine(EngineBase):
     """A rollout engine that returns the fixed samples of each prompt."""
 
@@ -187,11 +197,7 @@ def run_mode(mode: str, topo: Topology, tokenizer, hf_config, examples, engine) 
 def main() -> None:
     out_path = sys.argv[1]
     topo = init_distributed(1, 1, 120)
-    tokenizer = build_tokenizer()
-    hf_config = tiny_model_config(len(tokenizer), 32, 2, 4, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    prompt_ids, responses = fixed_rollout(len(tokenizer), tokenizer.eos_token_id)
-    examples = [PromptExample(ids, "fixed", "", index=i) for i, ids in enumerate(prompt_ids)]
-    engine = FixedEngine({tuple(p): r for p, r in zip(prompt_ids, responses)})
+    tokenizer, hf_config, examples, engine = fixed_setup()
     results = {mode: run_mode(mode, topo, tokenizer, hf_config, examples, engine) for mode in LOSS_AGG_MODES}
     results.update({name: run_mode(name, topo, tokenizer, hf_config, examples, engine) for name in VARIANTS})
     results.update({name: run_mode(name, topo, tokenizer, hf_config, examples, engine) for name in FAST_PATHS})

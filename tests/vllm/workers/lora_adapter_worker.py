@@ -19,26 +19,17 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import Qwen2Config
 
 from spmd_rlhf.config import Config
 from spmd_rlhf.config.schema import LoraConfig
 from spmd_rlhf.distributed.topology import init_distributed, shutdown
 from spmd_rlhf.models.lora import add_lora
-from spmd_rlhf.rollout.base import SamplingConfig
 from spmd_rlhf.rollout.build import build_engine
 from spmd_rlhf.rollout.sync import WeightSync
 from tests.distributed.workers.tiny import hf_logprobs, random_prompts, tiny_model
+from tests.vllm.workers.vllm_engine_worker import EOS, GREEDY, SAMPLED, VOCAB, config
 
-VOCAB, EOS, RANK = 37, 36, 8
-GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)
-SAMPLED = SamplingConfig(max_new_tokens=8, n=2, temperature=0.7, seed=11)
-
-
-def config() -> Qwen2Config:
-    return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=True, use_sliding_window=False)
+RANK = 8
 
 
 def run_config(adapter: bool) -> Config:
