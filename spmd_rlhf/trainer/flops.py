@@ -10,8 +10,11 @@ pass's FLOPs are the same however it is batched or packed. Per sequence of ``s``
              + 2 * layers * attn_width * s * s      causal attention: QK^T and AV over ~s/2 keys
     backward = 2 * forward
 
-``body_params`` are the decoder's matrix weights (no embedding lookup, no norms), ``head_params``
-the lm_head's (counted once when tied), ``attn_width`` = heads * head_dim. MFU is FLOPs over the
+``body_params`` are the decoder's matrix weights a token passes through (no embedding lookup, no
+norms; in a mixture-of-experts layer the router, the ``top_k`` experts it picks and any shared
+expert, not all experts), ``head_params`` the lm_head's (counted once when tied), ``attn_width`` =
+heads * head_dim. A vision-language model counts its language model (the vision tower is not
+counted). MFU is FLOPs over the
 pass's wall time and the device's dense bf16 peak (``trainer.peak_tflops`` overrides the table).
 """
 
@@ -43,14 +46,28 @@ class FlopsModel:
         return 3.0 * self.forward(seq_lens, scored)
 
 
+def _mlp_params(c, layer: int) -> int:
+    """Matrix weights one token passes through in ``layer``'s MLP: dense (gate, up, down), or a
+    Qwen-MoE sparse layer's router, ``num_experts_per_tok`` routed experts and shared expert."""
+    experts = getattr(c, "num_experts", 0) or 0
+    step = getattr(c, "decoder_sparse_step", 1) or 1
+    sparse = experts > 0 and layer not in (getattr(c, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
+    if not sparse:
+        return 3 * c.hidden_size * c.intermediate_size
+    shared = getattr(c, "shared_expert_intermediate_size", 0) or 0
+    routed = c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size
+    return c.hidden_size * experts + routed + 3 * c.hidden_size * shared + (c.hidden_size if shared else 0)
+
+
 def flops_model(hf_config) -> FlopsModel:
-    """The counts of a decoder-only HF config (Llama/Qwen/Mistral layout, optional MoE not counted)."""
-    c = hf_config
+    """The counts of a decoder-only HF config (Llama/Qwen/Mistral layout, Qwen2/3-MoE), or of a
+    vision-language config's text model."""
+    c = hf_config.get_text_config()
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     attn = c.hidden_size * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v projections
-    mlp = 3 * c.hidden_size * c.intermediate_size  # gate, up, down
-    return FlopsModel(body_params=c.num_hidden_layers * (attn + mlp), head_params=c.hidden_size * c.vocab_size,
+    body = sum(attn + _mlp_params(c, layer) for layer in range(c.num_hidden_layers))
+    return FlopsModel(body_params=body, head_params=c.hidden_size * c.vocab_size,
                       layers=c.num_hidden_layers, attn_width=heads * head_dim)
 
 
