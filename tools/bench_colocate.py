@@ -4,7 +4,8 @@ throughput against a stand-alone vLLM engine, and GRPO step time by phase.
     torchrun --nproc-per-node 1 tools/bench_colocate.py --shape 1.5b --out bench.json
     torchrun --nproc-per-node 2 tools/bench_colocate.py --shape 0.5b        # tp = world size
 
-Random-init Qwen2 models of the published shapes, bf16 engine, fp32 FSDP2 master weights. The
+Random-init Qwen2 models of the published shapes (or ``--shape qwen3-moe-2b``: a Qwen3-MoE with
+Qwen3-30B-A3B's layer layout, scaled to one GPU), bf16 engine, fp32 FSDP2 master weights. The
 stand-alone reference runs first, in a child process on the same GPU(s) with the same prompts,
 sampling settings and engine options, so both figures come from one run. The step-time part runs
 the trainer's own step on DESIGN's reference workload: prompts of exactly ``--prompt-len``
@@ -46,6 +47,25 @@ SHAPES = {  # Qwen2.5 shapes
     "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
 }
+
+# Qwen3-MoE shapes: Qwen3-30B-A3B's layer layout (head_dim 128, q/k norms, top-8 routing, every layer
+# sparse) with fewer layers and experts, to train on one GPU. 2.3B parameters, 0.66B active per token.
+MOE_SHAPES = {
+    "qwen3-moe-2b": dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_experts=64,
+                         num_experts_per_tok=8, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+                         head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+}
+
+
+def model_config(shape: str):
+    """The HF config of a dense (``SHAPES``) or MoE (``MOE_SHAPES``) shape."""
+    if shape not in MOE_SHAPES:
+        return qwen2_config(shape)
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**MOE_SHAPES[shape], norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          router_aux_loss_coef=0.001, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0,
+                          eos_token_id=1, pad_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 
 
 def qwen2_config(shape: str):
@@ -92,7 +112,7 @@ def standalone(args) -> None:
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               seed=0, tensor_parallel_size=args.tp, **extra, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               max_model_len=args.prompt_len + args.gen_len, enable_prefix_caching=True)
-    prompts = random_prompts(args.prompts, args.prompt_len, qwen2_config(args.shape).vocab_size, seed=1)
+    prompts = random_prompts(args.prompts, args.prompt_len, model_config(args.shape).vocab_size, seed=1)
     params = SamplingParams(n=1, temperature=1.0, max_tokens=args.gen_len, ignore_eos=True, logprobs=0,
                             detokenize=False, seed=3)
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -280,7 +300,7 @@ def random_reward(data_source, solution_str, ground_truth, extra_info=None) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="1.5b", choices=sorted(SHAPES) + sorted(MOE_SHAPES))
     parser.add_argument("--prompts", type=int, default=512, help="throughput prompts")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=512)
@@ -306,8 +326,8 @@ def main() -> None:
 
     skip = set(filter(None, args.skip.split(",")))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    hf_config = qwen2_config(args.shape)
-    model_dir = tempfile.mkdtemp(prefix="bench_qwen2_")
+    hf_config = model_config(args.shape)
+    model_dir = tempfile.mkdtemp(prefix="bench_")
     hf_config.save_pretrained(model_dir)
     result: dict = {"shape": args.shape, "world_size": world, "device": torch.cuda.get_device_name(),
                     "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
