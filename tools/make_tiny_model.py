@@ -3,12 +3,18 @@
     .venv/bin/python tools/make_tiny_model.py qwen3_moe outputs/tiny_qwen3_moe
     .venv/bin/python -m spmd_rlhf.train recipe=tiny_qwen3_moe    # reads outputs/tiny_qwen3_moe
 
-Families: ``qwen2`` (dense, q/k/v biases, tied embeddings) and ``qwen3_moe`` (Qwen3-MoE: 4 experts,
-top-2 routing, per-head q/k norms, untied head). The directory holds ``config.json``,
-``model.safetensors`` (fp32, in the checkpoint layout Hugging Face and vLLM load) and the
-embedded task's character tokenizer (digits, ``+``, ``=``, pad, eos; ``tasks/arithmetic.py``),
-so the embedded addition task runs on it with nothing downloaded. Head size 32 (what vLLM's CPU
-attention supports). The same ``--seed`` writes the same weights.
+Families: ``qwen2`` (dense, q/k/v biases, tied embeddings), ``qwen3_moe`` (Qwen3-MoE: 4 experts,
+top-2 routing, per-head q/k norms, untied head) and ``qwen2_5_vl`` (Qwen2.5-VL: a 2-block vision
+tower, patch 14, 2x2 merge, M-RoPE sections [4, 6, 6], 256 positions). The directory holds
+``config.json``, ``model.safetensors`` (fp32, in the checkpoint layout Hugging Face and vLLM load)
+and the embedded task's character tokenizer (digits, ``+``, ``=``, pad, eos; ``tasks/arithmetic.py``),
+so the embedded addition task runs on it with nothing downloaded. For ``qwen2_5_vl`` the tokenizer
+also has the four vision tokens and a chat template that renders an ``{"type": "image"}`` content
+part as ``<|vision_start|><|image_pad|><|vision_end|>``, and ``preprocessor_config.json`` is a
+Qwen2-VL image processor (56x56 to 112x112 pixels: 4 to 16 patches, 1 to 4 image tokens). It holds
+no ``processor_config.json``: HF's Qwen2.5-VL processor needs torchvision; the tokenizer and the
+image processor load on their own. Head size 32 (what vLLM's CPU attention supports). The same
+``--seed`` writes the same weights.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spmd_rlhf.tasks import arithmetic  # noqa: E402
 
-FAMILIES = ("qwen2", "qwen3_moe")
+FAMILIES = ("qwen2", "qwen3_moe", "qwen2_5_vl")
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+VISION_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+)
 
 
 def tiny_config(family: str, tokenizer):
@@ -58,7 +70,42 @@ def tiny_config(family: str, tokenizer):
             tie_word_embeddings=False,
             **common,
         )
+    if family == "qwen2_5_vl":
+        return vision_language_config(tokenizer, common)
     raise SystemExit(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def vision_language_config(tokenizer, common: dict):
+    """Qwen2.5-VL: the text model of ``common`` (256 positions: images take some) and a tiny tower."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
+    text = dict(common, max_position_embeddings=256, intermediate_size=192, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+    text.pop("dtype")
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], in_channels=3)
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, dtype="float32")
+
+
+def tiny_tokenizer(family: str):
+    """The embedded task's tokenizer; with the vision tokens and an image chat template for ``qwen2_5_vl``."""
+    tokenizer = arithmetic.build_tokenizer()
+    if family == "qwen2_5_vl":
+        tokenizer.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
+        tokenizer.chat_template = VISION_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_image_processor():
+    """Qwen2-VL's image processor (PIL backend, no torchvision) at 56x56..112x112 pixels."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                    temporal_patch_size=2)
 
 
 @torch.no_grad()
@@ -72,16 +119,19 @@ def spread_router(model: torch.nn.Module, std: float = 0.5) -> None:
 
 def make_tiny_model(family: str, out: str, seed: int = 0) -> str:
     """Write ``family``'s tiny random model, its config and tokenizer to ``out``; returns ``out``."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    tokenizer = arithmetic.build_tokenizer()
+    tokenizer = tiny_tokenizer(family)
     config = tiny_config(family, tokenizer)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if family == "qwen2_5_vl" else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
     spread_router(model)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if family == "qwen2_5_vl":
+        tiny_image_processor().save_pretrained(out)
     return out
 
 

@@ -57,5 +57,39 @@ def test_moe_routes_tokens_to_different_experts(tmp_path):
 
 
 def test_unknown_family_names_the_choices(tmp_path):
-    with pytest.raises(SystemExit, match="qwen2, qwen3_moe"):
+    with pytest.raises(SystemExit, match="qwen2, qwen3_moe, qwen2_5_vl"):
         make_tiny.make_tiny_model("gpt2", str(tmp_path / "x"))
+
+
+def test_vision_language_directory_loads_offline_and_reads_an_image(tmp_path, monkeypatch):
+    """qwen2_5_vl: config, model, tokenizer (chat template with image parts) and the PIL image
+    processor load offline; the model reads an image through its placeholders."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2VLImageProcessorPil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    out = make_tiny.make_tiny_model("qwen2_5_vl", str(tmp_path / "vl"), seed=3)
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "qwen2_5_vl" and config.vision_config.spatial_merge_size == 2
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert config.text_config.vocab_size == len(tokenizer) == 19
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "1+2="}]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == "<|vision_start|><|image_pad|><|vision_end|>1+2="
+    processor = Qwen2VLImageProcessorPil.from_pretrained(out)
+    pixels = processor(images=[Image.new("RGB", (84, 56), (200, 30, 30))], return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == [[1, 4, 6]]  # 56x84 pixels: 4x6 patches of 14
+    assert pixels["pixel_values"].shape == (24, 3 * 2 * 14 * 14)
+    ids = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * 6), return_tensors="pt").input_ids
+    assert ids.shape == (1, 1 + 6 + 1 + 4) and (ids == config.image_token_id).sum() == 6
+    with torch.no_grad():
+        logits = model(input_ids=ids, **pixels).logits
+        other = model(input_ids=ids, pixel_values=pixels["pixel_values"] * 0.5,
+                      image_grid_thw=pixels["image_grid_thw"]).logits
+    assert logits.shape == (1, ids.shape[1], 19) and torch.isfinite(logits).all()
+    assert (logits[0, -1] - other[0, -1]).abs().max() > 1e-4  # the image reaches the text's logits
