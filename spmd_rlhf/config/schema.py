@@ -49,6 +49,13 @@ class MoeConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Vision-language policies (Qwen2-VL, Qwen2.5-VL; ``models/vlm.py``). Text models ignore it."""
+
+    freeze_vision_tower: bool = True  # the whole vision tower (patch embedding, blocks, merger) keeps its weights
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None  # HF directory (config.json + safetensors); null = embedded tiny model
     tokenizer_path: str | None = None  # defaults to model.path
@@ -64,6 +71,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     moe: MoeConfig = field(default_factory=MoeConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
 
 @dataclass
