@@ -5,7 +5,13 @@ A row looks like::
     {"prompt": [{"role": "user", "content": "..."}] | "plain string",
      "data_source": "gsm8k",
      "reward_model": {"ground_truth": "72", "style": "rule"},
-     "extra_info": {...}}
+     "extra_info": {...},
+     "images": [path | bytes | {"bytes": ..., "path": ...}, ...]}   (optional: vision-language models)
+
+A row with ``images`` goes through the chat template: each ``<image>`` in its message text becomes an
+image content part (messages already given as content parts pass as they are), and each image's one
+placeholder token is expanded to its patch count (``data/vision.py``). Paths are relative to the data
+file's directory.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .vision import IMAGE_MARK, ImageProcessing, VisionInputs, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,7 @@ class PromptExample:
     ground_truth: str
     extra_info: dict = field(default_factory=dict)
     index: int = 0
+    vision: VisionInputs | None = None  # the prompt's images (its ids hold their expanded placeholders)
 
 
 @dataclass
@@ -108,13 +117,21 @@ def _check_prompt(prompt: Any) -> str | None:
     for i, message in enumerate(prompt):
         if not isinstance(message, Mapping):
             return f"prompt[{i}] is {type(message).__name__}, expected {{'role', 'content'}}"
-        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            return f"prompt[{i}] needs string 'role' and 'content'"
+        if not isinstance(message.get("role"), str) or not _is_content(message.get("content")):
+            return f"prompt[{i}] needs a string 'role' and a 'content' string or list of parts"
     return None
 
 
-def _parse_row(row: dict, default_data_source: str | None) -> tuple[Any, str, str, dict] | str:
-    """``(prompt, data_source, ground_truth, extra_info)`` of a row, or why it is malformed."""
+def _is_content(content: Any) -> bool:
+    """A message's content: a string, or a list of ``{"type": ...}`` parts."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(isinstance(p, Mapping) and isinstance(p.get("type"), str)
+                                             for p in content)
+
+
+def _parse_row(row: dict, default_data_source: str | None) -> tuple[Any, str, str, dict, list] | str:
+    """``(prompt, data_source, ground_truth, extra_info, images)`` of a row, or why it is malformed."""
     if "prompt" not in row or row["prompt"] is None:
         return "missing 'prompt'"
     reason = _check_prompt(row["prompt"])
@@ -130,7 +147,10 @@ def _parse_row(row: dict, default_data_source: str | None) -> tuple[Any, str, st
     extra_info = row.get("extra_info")
     if extra_info is not None and not isinstance(extra_info, Mapping):
         return f"'extra_info' must be an object, got {type(extra_info).__name__}"
-    return row["prompt"], data_source, str(truth), dict(extra_info or {})
+    images = row.get("images")
+    if images is not None and not isinstance(images, (list, tuple)):
+        return f"'images' must be a list, got {type(images).__name__}"
+    return row["prompt"], data_source, str(truth), dict(extra_info or {}), list(images or [])
 
 
 def _ids_of(encoded: Any) -> list[int]:
@@ -160,6 +180,36 @@ def tokenize_prompt(prompt: str | list[dict], tokenizer: Any, apply_chat_templat
     return _ids_of(
         tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     )
+
+
+def image_messages(prompt: str | list) -> list[dict]:
+    """A row's prompt as messages whose ``<image>`` marks are image content parts (verl's convention);
+    content already given as parts, and text without marks, pass as they are."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str) or IMAGE_MARK not in content:
+            continue
+        parts: list[dict] = []
+        for i, text in enumerate(content.split(IMAGE_MARK)):
+            parts += [{"type": "image"}] if i else []
+            parts += [{"type": "text", "text": text}] if text else []
+        message["content"] = parts
+    return messages
+
+
+def _encode(prompt: Any, items: list, tokenizer: Any, apply_chat_template: bool, images: ImageProcessing | None,
+            base_dir: str | None) -> tuple[list[int], VisionInputs | None] | str:
+    """A row's prompt ids (placeholders expanded) and vision inputs, or why the row is malformed."""
+    if not items:
+        return tokenize_prompt(prompt, tokenizer, apply_chat_template), None
+    if images is None:
+        return "the row has images, but the model is text-only (model.path has no vision config)"
+    ids = tokenize_prompt(image_messages(prompt), tokenizer, True)
+    try:
+        return images.prompt(ids, [load_image(item, base_dir) for item in items])
+    except ValueError as err:
+        return str(err)
 
 
 def _check_args(max_prompt_length: int, max_bad_fraction: float) -> None:
@@ -208,28 +258,35 @@ def build_prompt_examples(
     key: str,
     default_data_source: str | None = None,
     source: str = "<rows>",
+    images: ImageProcessing | None = None,
 ) -> tuple[list[PromptExample], DatasetStats]:
     """Tokenise valid rows, dropping (and counting) malformed ones and prompts longer than
-    ``max_prompt_length`` tokens. ``key``/``source`` name the config key and file in errors."""
+    ``max_prompt_length`` tokens. ``key``/``source`` name the config key and file in errors;
+    ``images`` processes the rows' images (a vision-language model), relative to ``source``'s directory."""
     _check_args(max_prompt_length, max_bad_fraction)
     _check_not_raw_gsm8k(rows, key, source)
     stats = DatasetStats(rows=len(rows))
     examples: list[PromptExample] = []
     bad: list[tuple[int, str]] = []
+    base_dir = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
     for line_no, row in rows:
         if isinstance(row, Exception):
-            parsed: tuple[Any, str, str, dict] | str = f"unreadable ({row})"
+            parsed: tuple[Any, str, str, dict, list] | str = f"unreadable ({row})"
         else:
             parsed = _parse_row(row, default_data_source)
         if isinstance(parsed, str):
             bad.append((line_no, parsed))
             continue
-        prompt, data_source, truth, extra_info = parsed
-        ids = tokenize_prompt(prompt, tokenizer, apply_chat_template)
+        prompt, data_source, truth, extra_info, items = parsed
+        encoded = _encode(prompt, items, tokenizer, apply_chat_template, images, base_dir)
+        if isinstance(encoded, str):
+            bad.append((line_no, encoded))
+            continue
+        ids, vision = encoded
         if len(ids) > max_prompt_length:
             stats.too_long += 1
             continue
-        examples.append(PromptExample(ids, data_source, truth, extra_info, len(examples)))
+        examples.append(PromptExample(ids, data_source, truth, extra_info, len(examples), vision))
     stats.malformed = len(bad)
     stats.kept = len(examples)
     _report_malformed(bad, stats, source, max_bad_fraction)
@@ -252,6 +309,7 @@ def load_prompt_dataset(
     max_bad_fraction: float,
     key: str,
     default_data_source: str | None = None,
+    images: ImageProcessing | None = None,
 ) -> tuple[list[PromptExample], DatasetStats]:
     """Read and tokenise every file in ``paths`` (named by config key ``key``) and concatenate
     them; ``index`` is renumbered over the whole result and the stats are summed."""
@@ -263,7 +321,7 @@ def load_prompt_dataset(
     for path in paths:
         file_examples, file_stats = build_prompt_examples(
             read_rows(path, key), tokenizer, max_prompt_length, apply_chat_template,
-            max_bad_fraction, key, default_data_source, source=path,
+            max_bad_fraction, key, default_data_source, source=path, images=images,
         )
         examples.extend(file_examples)
         stats = stats + file_stats
