@@ -9,15 +9,16 @@ from .schema import Config
 DEFAULT_CUDA_MICRO_BATCH_TOKENS = 16384
 
 
-def micro_batch_tokens(cfg: Config, device_type: str) -> int:
-    """``trainer.max_tokens_per_micro_batch``; null = packed micro-batches on CUDA, padded on CPU."""
+def micro_batch_tokens(cfg: Config, device_type: str, vision_language: bool = False) -> int:
+    """``trainer.max_tokens_per_micro_batch``; null = packed micro-batches on CUDA, padded on CPU and
+    for vision-language policies (``models/vlm.is_vision_language``: packing does not carry images)."""
     if cfg.trainer.max_tokens_per_micro_batch is not None:
         return cfg.trainer.max_tokens_per_micro_batch
-    return DEFAULT_CUDA_MICRO_BATCH_TOKENS if device_type == "cuda" else 0
+    return DEFAULT_CUDA_MICRO_BATCH_TOKENS if device_type == "cuda" and not vision_language else 0
 
 
-def compile_layers(cfg: Config, device_type: str) -> bool:
+def compile_layers(cfg: Config, device_type: str, vision_language: bool = False) -> bool:
     """``model.compile_layers``; null = on CUDA when micro-batches are packed."""
     if cfg.model.compile_layers is not None:
         return cfg.model.compile_layers
-    return device_type == "cuda" and micro_batch_tokens(cfg, device_type) > 0
+    return device_type == "cuda" and micro_batch_tokens(cfg, device_type, vision_language) > 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from ..config import Config, compile_layers
 from ..distributed.topology import Topology
 from .load import build_causal_lm
 from .lora import add_lora
 from .parallelize import copy_sharded_weights, cpu_offloaded, frozen_dtype, materialize, parallelize
+from .vlm import is_vision_language, model_class
 
 
 @dataclass
@@ -31,8 +32,10 @@ def build_models(cfg: Config, topo: Topology, hf_config: PretrainedConfig) -> Mo
     m = cfg.model
     model = parallelize(model, topo.fsdp_mesh, topo.device, m.activation_checkpointing, trainable=True,
                         checkpoint_every=m.activation_checkpointing_every,
-                        compile_layers=compile_layers(cfg, topo.device.type), cpu_offload=cfg.trainer.cpu_offload,
-                        router_aux_loss_coef=m.moe.router_aux_loss_coef)
+                        compile_layers=compile_layers(cfg, topo.device.type, is_vision_language(hf_config)),
+                        cpu_offload=cfg.trainer.cpu_offload,
+                        router_aux_loss_coef=m.moe.router_aux_loss_coef,
+                        freeze_vision_tower=m.vision.freeze_vision_tower)
     return Models(actor=model, hf_config=hf_config)
 
 
@@ -47,7 +50,7 @@ def build_reference(actor: torch.nn.Module, hf_config: PretrainedConfig, topo: T
     policy: in host memory between its passes, one layer at a time on the device during them.
     """
     with torch.device("meta"):
-        ref = AutoModelForCausalLM.from_config(hf_config, dtype=frozen_dtype(topo.device), attn_implementation="sdpa")
+        ref = model_class(hf_config).from_config(hf_config, dtype=frozen_dtype(topo.device), attn_implementation="sdpa")
     ref = parallelize(ref, topo.fsdp_mesh, topo.device, activation_checkpointing=False, trainable=False,
                       cpu_offload=cpu_offloaded(actor))
     materialize(ref, topo.device)

@@ -10,10 +10,11 @@ import json
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from ..config import Config, ConfigError
 from ..tasks import arithmetic
+from .vlm import model_class, text_config
 
 
 def load_tokenizer(cfg: Config):
@@ -52,7 +53,7 @@ def model_config(cfg: Config, tokenizer) -> PretrainedConfig:
 
 def max_positions(hf_config: PretrainedConfig) -> int | None:
     """The longest sequence (prompt + response) the model has positions for; None if its config does not say."""
-    return getattr(hf_config, "max_position_embeddings", None)
+    return getattr(text_config(hf_config), "max_position_embeddings", None)
 
 
 def check_weight_files(path: str, key: str = "model.path") -> None:
@@ -98,13 +99,14 @@ def _check_safetensors(file: str, key: str) -> None:
 
 
 def build_causal_lm(cfg: Config, hf_config: PretrainedConfig, seed: int) -> torch.nn.Module:
-    """Full-precision weights on the CPU: pretrained from ``model.path`` or a seeded random init."""
+    """Full-precision weights on the CPU: pretrained from ``model.path`` or a seeded random init
+    (a vision-language policy with its vision tower: ``vlm.model_class``)."""
     if cfg.model.path is None:
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+        return model_class(hf_config).from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
     if not any(name.endswith(".safetensors") for name in os.listdir(cfg.model.path)):
         raise ConfigError(f"model.path={cfg.model.path!r} has no *.safetensors weights")
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class(hf_config).from_pretrained(
         cfg.model.path,
         dtype=torch.float32,
         attn_implementation="sdpa",
@@ -126,6 +128,6 @@ def saved_dtype(path: str) -> torch.dtype | None:
 def eos_token_ids(tokenizer, hf_config: PretrainedConfig) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS plus the model's (which may be a list)."""
     ids = {tokenizer.eos_token_id}
-    model_eos = getattr(hf_config, "eos_token_id", None)
+    model_eos = getattr(text_config(hf_config), "eos_token_id", None)
     ids.update(model_eos if isinstance(model_eos, list) else [model_eos])
     return sorted(i for i in ids if i is not None)

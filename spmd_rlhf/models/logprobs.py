@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from .vlm import decoder_hidden
+
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -151,7 +153,7 @@ def _policy_head_forward(model: torch.nn.Module, select_BT: Tensor, temperature:
     assert getattr(head, "bias", None) is None, "an lm_head bias is not supported"
     for knob in ("final_logit_softcapping", "logit_scale", "logits_scaling"):  # heads that rescale logits
         assert getattr(model.config, knob, None) is None, f"{knob} is not supported"
-    hidden_BTH = model.get_decoder()(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
+    hidden_BTH = decoder_hidden(model, input_ids, **decoder_kwargs)
     hidden_NH = hidden_BTH[:, :-1][select_BT]
     targets_N = input_ids[:, 1:][select_BT]
     logprobs_N, entropy_N = chunked_logprobs(hidden_NH, head.weight, targets_N, temperature, chunk_tokens,

@@ -12,6 +12,11 @@ reduced gradients back. Tensor parallelism for generation lives in ``distributed
 Mixture-of-experts layers (``models/moe.py``) need nothing else: their fused expert weights
 ``[E, ...]`` shard on the expert dim like any parameter, so each rank stores whole experts, and a
 trainable model gets the router's balance loss hooked in.
+
+Vision-language models (``models/vlm.py``): the decoder layers are the language model's; every
+vision block and then the whole vision tower (patch embedding, merger) are FSDP units of their
+own, so a frozen tower (``model.vision.freeze_vision_tower``) never shares a parameter group with
+trainable weights.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from .lora import is_lora
 from .moe import default_router_aux_loss_coef, install_router_aux_loss, moe_blocks
+from .vlm import is_vision_language, vision_tower
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks of a HF causal LM (``model.model.layers`` for Llama/Qwen/Mistral), also
-    under PEFT's wrapper."""
+    """The transformer blocks of a HF causal LM (``model.model.layers`` for Llama/Qwen/Mistral; a
+    VL model's ``model.model.language_model.layers``), also under PEFT's wrapper."""
     if is_lora(model):
         model = model.get_base_model()
+    if is_vision_language(model.config):
+        return list(model.model.language_model.layers)
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     assert layers is not None, f"{type(model).__name__} has no model.layers; add its block list here"
@@ -82,6 +90,7 @@ def parallelize(
     compile_backend: str = "inductor",
     cpu_offload: bool = False,
     router_aux_loss_coef: float | None = None,
+    freeze_vision_tower: bool = True,
 ) -> FSDPModule:
     """Shard ``model`` (full weights on the CPU) over ``mesh`` and move the shards to ``device``.
 
@@ -91,6 +100,7 @@ def parallelize(
     ``cpu_offload`` keeps the shards (and gradients) in host memory (``CPUOffloadPolicy``).
     A trainable MoE model adds ``router_aux_loss_coef`` times its routers' balance loss to every
     backward (``models/moe.py``; None: the coefficient of the model's config, 0 if it names none).
+    A trainable VL model keeps its vision tower's weights with ``freeze_vision_tower``.
     """
     assert checkpoint_every >= 1
     base = model.get_base_model() if is_lora(model) else model
@@ -107,6 +117,8 @@ def parallelize(
     if not trainable:
         model.requires_grad_(False)
         model.eval()
+    elif freeze_vision_tower and is_vision_language(base.config):
+        vision_tower(base).requires_grad_(False)
     model.config.use_cache = False
     kwargs = {"mesh": mesh}
     policy = mixed_precision(device)
@@ -116,6 +128,11 @@ def parallelize(
         kwargs["offload_policy"] = offload_policy(device)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    if is_vision_language(base.config):
+        tower = vision_tower(base)
+        for block in tower.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(tower, **kwargs)
     fully_shard(model, **kwargs)  # also moves buffers, and parameters unless offloaded, to the mesh's device
     return model
 

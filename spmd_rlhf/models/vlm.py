@@ -6,11 +6,125 @@ one image carry ``start + (t, row, column)`` over the image's merged grid, and t
 resumes at ``start + max(rows, columns)``. Computed here from the token ids and the grids alone
 (the same numbers as HF's ``get_rope_index``, whose signature moves between transformers
 releases), so the actor, the reference and the torch engine pass explicit positions.
+
+Also the one owner of "is this policy vision-language" (``is_vision_language``, ``model_class``,
+``text_config``) and of what its forward takes beyond token ids (``vision_forward_kwargs``).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
+
+from ..config import Config, ConfigError
+from ..data.vision import VisionInputs
+
+VISION_LANGUAGE_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def is_vision_language(hf_config: PretrainedConfig) -> bool:
+    """Whether the policy reads images (Qwen2-VL / Qwen2.5-VL)."""
+    return hf_config.model_type in VISION_LANGUAGE_TYPES
+
+
+def model_class(hf_config: PretrainedConfig) -> type:
+    """The HF auto class that builds or loads the policy (its head included) for ``hf_config``."""
+    return AutoModelForImageTextToText if is_vision_language(hf_config) else AutoModelForCausalLM
+
+
+def text_config(hf_config: PretrainedConfig) -> PretrainedConfig:
+    """The language model's config (heads, sizes, positions, vocabulary): a VL config's
+    ``text_config``, a text model's own."""
+    return hf_config.get_text_config()
+
+
+def check_vision_language(cfg: Config, hf_config: PretrainedConfig) -> None:
+    """Raise ``ConfigError`` (before any process group) for what a VL policy does not run with yet:
+    tensor or sequence parallelism, packed micro-batches, LoRA, a critic made from the actor."""
+    if not is_vision_language(hf_config):
+        return
+    what = f"model.path is a vision-language model ({hf_config.model_type})"
+    if cfg.distributed.tp > 1:
+        raise ConfigError(f"distributed.tp={cfg.distributed.tp}: {what}, which has no tensor-parallel plan yet; "
+                          "set distributed.tp=1")
+    if cfg.distributed.sp > 1:
+        raise ConfigError(f"distributed.sp={cfg.distributed.sp}: {what}, whose micro-batches are padded rows (no "
+                          "sequence parallelism); set distributed.sp=1")
+    tokens = cfg.trainer.max_tokens_per_micro_batch
+    if tokens is not None and tokens > 0:
+        raise ConfigError(f"trainer.max_tokens_per_micro_batch={tokens}: {what}, whose micro-batches are padded "
+                          "rows (packing does not carry images yet); set trainer.max_tokens_per_micro_batch=0 "
+                          "or null")
+    if cfg.model.lora.rank > 0:
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank}: {what}; LoRA adapters on it are not supported "
+                          "yet, set model.lora.rank=0")
+    if cfg.algorithm.adv_estimator == "gae" and cfg.critic.init_from == "actor":
+        raise ConfigError(f"algorithm.adv_estimator=gae with critic.init_from=actor: {what} and the critic would "
+                          "copy it (a value model reading images is not supported yet); use a critic-free "
+                          "estimator such as algorithm.adv_estimator=grpo")
+
+
+def image_token_id(hf_config: PretrainedConfig) -> int:
+    return int(hf_config.image_token_id)
+
+
+def spatial_merge_size(hf_config: PretrainedConfig) -> int:
+    return int(hf_config.vision_config.spatial_merge_size)
+
+
+def multimodal_body(model: torch.nn.Module) -> torch.nn.Module:
+    """The module of a VL policy that takes token ids with ``pixel_values`` / ``image_grid_thw`` and
+    returns the last hidden states (vision tower + language model, no head)."""
+    return model.model
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision encoder of a VL policy (patch embedding, blocks, merger)."""
+    return model.model.visual
+
+
+def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, **decoder_kwargs) -> torch.Tensor:
+    """Last hidden states ``[B, T, H]`` of the policy's body (no head): a text model's decoder, or a
+    VL model's vision tower + language model. A VL forward without images still runs the tower once
+    on a 2x2-patch blank (its output times 0 joins the hidden states), so every rank's FSDP units
+    gather, and reduce, alike whether or not its micro-batch holds images."""
+    if not is_vision_language(model.config):
+        return model.get_decoder()(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
+    hidden_BTH = multimodal_body(model)(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
+    if "pixel_values" in decoder_kwargs:
+        return hidden_BTH
+    return hidden_BTH + 0.0 * _blank_image_features(model, hidden_BTH.device).sum().to(hidden_BTH.dtype)
+
+
+def _blank_image_features(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    vision = model.config.vision_config
+    merge = vision.spatial_merge_size
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels_PD = torch.zeros(merge * merge, width, device=device)
+    grid_13 = torch.tensor([[1, merge, merge]], device=device)
+    return multimodal_body(model).get_image_features(pixels_PD, grid_13).pooler_output[0]
+
+
+def vision_forward_kwargs(hf_config: PretrainedConfig, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                          visions: list[VisionInputs | None]) -> dict[str, torch.Tensor]:
+    """What a VL policy's forward takes beside the token ids for these rows: ``pixel_values`` of all
+    their images concatenated in row order, ``image_grid_thw`` and M-RoPE ``position_ids`` ``[3, B, T]``
+    (padding at 0). Empty when no row has an image (text positions are then the same on all three
+    axes, and the ``[B, T]`` ones do). Host tensors in, host tensors out."""
+    assert len(visions) == input_ids_BT.shape[0]
+    rows = [(i, v) for i, v in enumerate(visions) if v is not None and v.num_images > 0]
+    if not rows:
+        return {}
+    merge, token = spatial_merge_size(hf_config), image_token_id(hf_config)
+    positions_3BT = torch.zeros((3, *input_ids_BT.shape), dtype=torch.long)
+    lengths = attention_mask_BT.sum(dim=1).tolist()
+    for i, vision in enumerate(visions):
+        grids_I3 = vision.image_grid_thw_I3 if vision is not None else torch.zeros(0, 3, dtype=torch.long)
+        length = int(lengths[i])
+        positions_3BT[:, i, :length] = mrope_positions(input_ids_BT[i, :length], grids_I3, token, merge)
+    return {"pixel_values": torch.cat([v.pixel_values_PD for _, v in rows]),
+            "image_grid_thw": torch.cat([v.image_grid_thw_I3 for _, v in rows]),
+            "position_ids": positions_3BT}
 
 
 def mrope_positions(input_ids_L: torch.Tensor, image_grid_thw_I3: torch.Tensor, image_token_id: int,
