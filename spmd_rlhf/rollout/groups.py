@@ -44,10 +44,10 @@ class Rollout:
         return [len(e.prompt_ids) for e in self.examples]
 
     def batch(self, pad_id: int) -> TokenBatch:
-        """The padded training tensors (built on first use, then cached)."""
+        """The padded training tensors, with each row's prompt images (built on first use, then cached)."""
         if self._batch is None:
             self._batch = collate([e.prompt_ids for e in self.examples], self.samples.token_ids, pad_id,
-                                  self.samples.loss_masks)
+                                  self.samples.loss_masks, [e.vision for e in self.examples])
         return self._batch
 
     def rewards_GN(self) -> torch.Tensor:

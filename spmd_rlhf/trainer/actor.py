@@ -83,7 +83,7 @@ class Actor(Learner):
         shared, own = self.batcher.share(batch)  # sequence parallel: the sp group's rows, same on its ranks
         device_batch = self.batcher.to_device(shared, self.device)
         out_BT = torch.zeros(shared.loss_mask_BT.shape, dtype=torch.float32, device=self.device)
-        for micro in self.batcher.plan(shared, micro_batch_size, self.device):
+        for micro in self.batcher.plan(shared, micro_batch_size, self.device, _vision_config(model, shared)):
             logprobs_BT, _ = micro_logprobs(model, micro, device_batch, temperature, self.batcher.chunk_tokens)
             out_BT[micro.rows, : micro.width] = logprobs_BT
         if isinstance(model, FSDPModule):
@@ -155,4 +155,10 @@ class Actor(Learner):
             return self._micro_loss(logprobs_BT, entropy_BT, mask_BT, device_targets.select(micro.rows, micro.width),
                                     algo, agg)
 
-        return self._step(self.batcher.plan(batch, micro_batch_size, self.device), micro_loss)
+        plan = self.batcher.plan(batch, micro_batch_size, self.device, _vision_config(self.model, batch))
+        return self._step(plan, micro_loss)
+
+
+def _vision_config(model: torch.nn.Module, batch: TokenBatch):
+    """The policy's HF config where ``batch`` has images (the plan builds their forward inputs from it)."""
+    return model.config if batch.vision is not None else None

@@ -18,14 +18,19 @@ concatenates the token batches of the sp group, so its ranks plan the same micro
 packed row is padded to a multiple of sp, every rank runs the decoder and the head on its 1/sp of
 the tokens, and the log-probs are summed over the group, so every sp rank returns the whole
 micro-batch's (gradients reach each rank's own tokens only).
+
+Vision-language batches (padded only; ``models/vlm.check_vision_language``): the plan turns each
+micro-batch's rows into the forward's pixel inputs and M-RoPE positions once, on the host, and
+moves them with the micro-batch (``Micro.vision``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from transformers import PretrainedConfig
 
 from ..data.batch import TokenBatch, micro_batches
 from ..data.packing import PackedBatch, count_micro_batches, pack, plan_micro_batches
@@ -34,6 +39,7 @@ from ..distributed.ulysses import local_span, share_rows, split_decoder, sum_ove
 from ..distributed.ulysses import sp_group as sp_group_of_process
 from ..models.attention import packed_forward_kwargs, use_packed_attention
 from ..models.logprobs import fused_policy_forward
+from ..models.vlm import vision_forward_kwargs
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Micro:
     width: int  # loss columns: the longest row's length - 1
     packed: PackedBatch | None = None  # device tensors of the packed layout
     sp_group: dist.ProcessGroup | None = None  # sequence parallel: the row is split over this group
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # device pixel inputs + M-RoPE positions
 
 
 class MicroBatcher:
@@ -69,7 +76,8 @@ class MicroBatcher:
         """The sp group's batches as one (same on its ranks), and this rank's rows in it."""
         if self.sp_group is None:
             return batch, slice(0, batch.size)
-        tensors, own = share_rows([getattr(batch, f.name) for f in fields(batch)], self.sp_group)
+        assert batch.vision is None, "sequence parallel with images (check_vision_language refuses it)"
+        tensors, own = share_rows(batch.tensors(), self.sp_group)
         return TokenBatch(*tensors), own
 
     def share_values(self, values_BT: torch.Tensor | None) -> torch.Tensor | None:
@@ -86,13 +94,19 @@ class MicroBatcher:
     def to_device(self, batch: TokenBatch, device: torch.device) -> TokenBatch:
         if device.type != "cuda":
             return batch.to(device)
-        return TokenBatch(**{f.name: getattr(batch, f.name).pin_memory().to(device, non_blocking=True)
-                             for f in fields(batch)})
+        return batch.with_tensors([t.pin_memory().to(device, non_blocking=True) for t in batch.tensors()])
 
-    def plan(self, batch: TokenBatch, micro_batch_size: int, device: torch.device) -> list[Micro]:
+    def plan(self, batch: TokenBatch, micro_batch_size: int, device: torch.device,
+             hf_config: PretrainedConfig | None = None) -> list[Micro]:
+        """Micro-batches of the host ``batch``; ``hf_config`` (the policy's) where it has images."""
         lengths = batch.attention_mask_BT.sum(dim=1).tolist()  # host tensor: no device sync
         if self.max_tokens <= 0:
-            return [Micro(rows, max(2, max(lengths[rows])) - 1) for rows in micro_batches(batch.size, micro_batch_size)]
+            micros = [Micro(rows, max(2, max(lengths[rows])) - 1) for rows in micro_batches(batch.size, micro_batch_size)]
+            if batch.vision is not None:
+                for micro in micros:
+                    micro.vision = _vision_inputs(batch, micro, hf_config, device)
+            return micros
+        assert batch.vision is None, "packed micro-batches with images (check_vision_language refuses them)"
         count = count_micro_batches(lengths, self.max_tokens)
         if dist.is_initialized():
             (count,) = all_reduce_floats([float(count)], op=dist.ReduceOp.MAX)
@@ -104,6 +118,16 @@ class MicroBatcher:
         return micros
 
 
+def _vision_inputs(batch: TokenBatch, micro: Micro, hf_config: PretrainedConfig | None,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """The device pixel inputs and M-RoPE positions of a padded micro-batch's rows."""
+    assert hf_config is not None, "a batch with images needs the policy's config to plan"
+    w = micro.width + 1
+    inputs = vision_forward_kwargs(hf_config, batch.input_ids_BT[micro.rows, :w], batch.attention_mask_BT[micro.rows, :w],
+                                   batch.vision_rows(micro.rows))
+    return {name: t.to(device, non_blocking=True) for name, t in inputs.items()}
+
+
 def micro_logprobs(model: torch.nn.Module, micro: Micro, batch: TokenBatch, temperature: float, chunk_tokens: int,
                    with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 ``(logprobs, entropy or None)`` of the micro-batch's rows, ``[rows, micro.width]``,
@@ -111,10 +135,11 @@ def micro_logprobs(model: torch.nn.Module, micro: Micro, batch: TokenBatch, temp
     mask_BT = batch.loss_mask_BT[micro.rows, : micro.width]
     if micro.packed is None:
         w = micro.width + 1
+        vision = dict(micro.vision)
+        positions = vision.pop("position_ids", batch.position_ids_BT[micro.rows, :w])
         return fused_policy_forward(model, batch.input_ids_BT[micro.rows, :w], batch.attention_mask_BT[micro.rows, :w],
-                                    batch.position_ids_BT[micro.rows, :w], mask_BT.bool(), temperature,
-                                    with_entropy=with_entropy, entropy_requires_grad=entropy_grad,
-                                    chunk_tokens=chunk_tokens)
+                                    positions, mask_BT.bool(), temperature, with_entropy=with_entropy,
+                                    entropy_requires_grad=entropy_grad, chunk_tokens=chunk_tokens, **vision)
     p = micro.packed
     if micro.sp_group is None:
         logprobs_1M, entropy_1M = fused_policy_forward(
@@ -145,8 +170,13 @@ def _sequence_parallel_logprobs(model: torch.nn.Module, p: PackedBatch, group: d
 
 def token_logits(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
     """Full fp32 logits at every position that predicts a next token, divided by the temperature
-    (the reference path: SFT warm start and tests; training uses ``micro_logprobs``)."""
-    out = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT,
-                position_ids=batch.position_ids_BT, use_cache=False)
+    (the reference path: SFT warm start and tests; training uses ``micro_logprobs``). A batch with
+    images passes its pixels and M-RoPE positions (``batch`` on the model's device)."""
+    inputs = {"position_ids": batch.position_ids_BT}
+    if batch.vision is not None:
+        device = batch.input_ids_BT.device
+        inputs.update({name: t.to(device) for name, t in vision_forward_kwargs(
+            model.config, batch.input_ids_BT.cpu(), batch.attention_mask_BT.cpu(), batch.vision).items()})
+    out = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False, **inputs)
     logits = out.logits[:, :-1].float()
     return logits / temperature if temperature not in (0.0, 1.0) else logits

@@ -1,0 +1,155 @@
+"""Vision-language policies on one gloo rank: M-RoPE positions (by hand and against HF), the
+actor's log-probs of rows with images against plain HF forwards, the frozen vision tower through
+an update, and the configurations a VL policy refuses."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from spmd_rlhf.config import AlgorithmConfig, Config, ConfigError, micro_batch_tokens
+from spmd_rlhf.data.vision import VisionInputs
+from spmd_rlhf.models.logprobs import fused_policy_forward
+from spmd_rlhf.models.parallelize import decoder_layers, parallelize
+from spmd_rlhf.models.vlm import (check_vision_language, is_vision_language, model_class, mrope_positions,
+                                  vision_forward_kwargs)
+from spmd_rlhf.trainer.actor import Actor, PolicyTargets
+from spmd_rlhf.trainer.micro import token_logits
+from spmd_rlhf.trainer.schedule import build_scheduler
+from tests.distributed.workers.tiny_vl import hf_batch_logprobs, tiny_vl, vl_batch
+
+CPU = torch.device("cpu")
+
+
+def test_mrope_positions_by_hand():
+    """Text 0..2, a 1x4x6 image (2x3 merged) at 3 + (t, row, col), then text from 3 + max(2, 3)."""
+    I = 9  # noqa: E741 - the image token
+    ids = torch.tensor([5, 6, 7, I, I, I, I, I, I, 8, 4])
+    positions = mrope_positions(ids, torch.tensor([[1, 4, 6]]), image_token_id=I, spatial_merge_size=2)
+    assert positions.tolist() == [
+        [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7],
+        [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7],
+        [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7],
+    ]
+
+
+def test_mrope_positions_equal_hf_get_rope_index():
+    model, tokenizer = tiny_vl()
+    batch, prompts, responses = vl_batch(tokenizer)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        vision = batch.vision[i]
+        if vision is None:
+            continue
+        ids_1L = torch.tensor([prompt + response])
+        kwargs = {"image_grid_thw": vision.image_grid_thw_I3}
+        if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
+            kwargs["mm_token_type_ids"] = (ids_1L == model.config.image_token_id).int()
+        expected_3_1L, _ = model.model.get_rope_index(ids_1L, **kwargs)
+        ours = mrope_positions(ids_1L[0], vision.image_grid_thw_I3, model.config.image_token_id, 2)
+        assert torch.equal(ours, expected_3_1L[:, 0]), i
+
+
+def test_forward_inputs_concatenate_rows_and_zero_padding():
+    model, tokenizer = tiny_vl()
+    batch, prompts, responses = vl_batch(tokenizer)
+    inputs = vision_forward_kwargs(model.config, batch.input_ids_BT, batch.attention_mask_BT, batch.vision)
+    with_images = [v for v in batch.vision if v is not None]
+    assert torch.equal(inputs["pixel_values"], torch.cat([v.pixel_values_PD for v in with_images]))
+    assert torch.equal(inputs["image_grid_thw"], torch.cat([v.image_grid_thw_I3 for v in with_images]))
+    positions_3BT = inputs["position_ids"]
+    assert positions_3BT.shape == (3, *batch.input_ids_BT.shape)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        length = len(prompt) + len(response)
+        assert not positions_3BT[:, i, length:].any(), "padding at 0"
+    text_row = batch.vision.index(None)
+    length = len(prompts[text_row]) + len(responses[text_row])
+    assert torch.equal(positions_3BT[:, text_row, :length], torch.arange(length).expand(3, -1))
+    assert vision_forward_kwargs(model.config, batch.input_ids_BT, batch.attention_mask_BT, [None] * batch.size) == {}
+
+
+def test_select_and_to_keep_rows_and_images_aligned():
+    _, tokenizer = tiny_vl()
+    batch, _, _ = vl_batch(tokenizer)
+    picked = batch.select(torch.tensor([4, 0, 3]))
+    assert picked.vision == [batch.vision[4], batch.vision[0], None]
+    assert picked.select(slice(1, 3)).vision == [batch.vision[0], None]
+    assert batch.to(CPU).vision is batch.vision
+
+
+def actor_of(mesh, model, freeze: bool = True) -> Actor:
+    model = parallelize(model, mesh, CPU, trainable=True, freeze_vision_tower=freeze)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    return Actor(model, optimizer, build_scheduler(optimizer, 0, 10, 1.0), 1, 0.0, CPU)
+
+
+def test_model_class_and_layers_of_a_vision_language_policy():
+    model, _ = tiny_vl()
+    assert is_vision_language(model.config) and model_class(model.config).__name__ == "AutoModelForImageTextToText"
+    assert decoder_layers(model) == list(model.model.language_model.layers)
+
+
+def test_actor_logprobs_with_images_equal_plain_hf_forwards(world_of_one):
+    model, tokenizer = tiny_vl()
+    batch, prompts, responses = vl_batch(tokenizer)
+    expected_BT = hf_batch_logprobs(model, batch, prompts, responses)
+    actor = actor_of(world_of_one, model)
+    for micro in (2, 6):  # a micro-batch of a text row and an image row; all rows at once
+        logprobs_BT = actor.logprobs(batch, micro, temperature=1.0)
+        torch.testing.assert_close(logprobs_BT, expected_BT, rtol=0, atol=1e-5)
+    with torch.no_grad():  # the same rows with text positions: M-RoPE matters at this tolerance
+        wrong_BT, _ = fused_policy_forward(actor.model, batch.input_ids_BT, batch.attention_mask_BT,
+                                           batch.position_ids_BT, batch.loss_mask_BT.bool(), 1.0,
+                                           **{k: v for k, v in vision_forward_kwargs(
+                                               model.config, batch.input_ids_BT, batch.attention_mask_BT,
+                                               batch.vision).items() if k != "position_ids"})
+    assert (wrong_BT - expected_BT).abs().max() > 1e-3
+    with torch.no_grad():  # the full-logits path (SFT, references) reads the images too
+        logits_BTV = token_logits(actor.model, batch, 1.0)
+    full_BT = torch.log_softmax(logits_BTV, -1).gather(2, batch.input_ids_BT[:, 1:, None])[..., 0]
+    torch.testing.assert_close(full_BT * batch.loss_mask_BT, expected_BT, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_update_moves_the_language_model_and_keeps_a_frozen_vision_tower(world_of_one, freeze):
+    model, tokenizer = tiny_vl()
+    batch, _, _ = vl_batch(tokenizer)
+    actor = actor_of(world_of_one, model, freeze)
+    before = {name: p.full_tensor().clone() for name, p in actor.model.named_parameters()}
+    targets = PolicyTargets(torch.randn(batch.loss_mask_BT.shape, generator=torch.Generator().manual_seed(0)), None)
+    metrics = actor.update(batch, targets, AlgorithmConfig(), micro_batch_size=3, temperature=1.0)
+    assert metrics["actor/grad_norm"] > 0
+    after = {name: p.full_tensor() for name, p in actor.model.named_parameters()}
+    visual = [n for n in before if n.startswith("model.visual.")]
+    language = [n for n in before if n.startswith("model.language_model.layers.")]
+    assert visual and language
+    assert all((after[n] - before[n]).abs().max() > 1e-5 for n in language if "norm" not in n)
+    moved = [n for n in visual if not torch.equal(after[n], before[n])]
+    assert moved == [] if freeze else len(moved) > len(visual) // 2, moved
+
+
+def test_vision_language_configuration_errors():
+    model, _ = tiny_vl()
+    hf_config = model.config
+    check_vision_language(Config(), hf_config)  # the defaults run
+    cfg = Config()
+    cfg.trainer.max_tokens_per_micro_batch = None
+    assert micro_batch_tokens(cfg, "cuda", vision_language=True) == 0 and micro_batch_tokens(cfg, "cuda") > 0
+    for key, value in [("distributed.tp", 2), ("distributed.sp", 2), ("trainer.max_tokens_per_micro_batch", 4096),
+                       ("model.lora.rank", 8), ("algorithm.adv_estimator", "gae")]:
+        cfg = Config()
+        section, name = key.rsplit(".", 1)
+        owner = cfg
+        for part in section.split("."):
+            owner = getattr(owner, part)
+        setattr(owner, name, value)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            check_vision_language(cfg, hf_config)
+
+
+def test_vision_inputs_of_a_text_only_batch_are_none():
+    _, tokenizer = tiny_vl()
+    batch, _, _ = vl_batch(tokenizer, sizes=[None, None])
+    assert batch.vision is None
+    assert isinstance(vl_batch(tokenizer, sizes=[(56, 56)])[0].vision[0], VisionInputs)
