@@ -85,15 +85,19 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, **decoder_kwargs) -> torch.Tensor:
     """Last hidden states ``[B, T, H]`` of the policy's body (no head): a text model's decoder, or a
-    VL model's vision tower + language model. A VL forward without images still runs the tower once
-    on a 2x2-patch blank (its output times 0 joins the hidden states), so every rank's FSDP units
-    gather, and reduce, alike whether or not its micro-batch holds images."""
+    VL model's vision tower + language model. A VL forward without images still runs the tower, on
+    a 2x2-patch blank, before the language model (its output times 0 joins the input embeddings),
+    so every rank's FSDP units gather, and reduce, in the same order whether or not its
+    micro-batch holds images."""
     if not is_vision_language(model.config):
         return model.get_decoder()(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
-    hidden_BTH = multimodal_body(model)(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
+    body = multimodal_body(model)
     if "pixel_values" in decoder_kwargs:
-        return hidden_BTH
-    return hidden_BTH + 0.0 * _blank_image_features(model, hidden_BTH.device).sum().to(hidden_BTH.dtype)
+        return body(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
+    blank = _blank_image_features(model, input_ids.device).sum()
+    embeds_BTH = body.get_input_embeddings()(input_ids)
+    embeds_BTH = embeds_BTH + 0.0 * blank.to(embeds_BTH.dtype)
+    return body(inputs_embeds=embeds_BTH, use_cache=False, **decoder_kwargs).last_hidden_state
 
 
 def _blank_image_features(model: torch.nn.Module, device: torch.device) -> torch.Tensor:

@@ -153,3 +153,13 @@ def test_vision_inputs_of_a_text_only_batch_are_none():
     batch, _, _ = vl_batch(tokenizer, sizes=[None, None])
     assert batch.vision is None
     assert isinstance(vl_batch(tokenizer, sizes=[(56, 56)])[0].vision[0], VisionInputs)
+
+
+def test_text_only_rows_of_a_vision_language_policy_equal_plain_hf_forwards(world_of_one):
+    """No image in the batch: the tower runs on a blank (FSDP keeps step) and changes nothing."""
+    model, tokenizer = tiny_vl()
+    batch, prompts, responses = vl_batch(tokenizer, sizes=[None, None, None])
+    batch.vision = [None] * batch.size
+    expected_BT = hf_batch_logprobs(model, batch, prompts, responses)
+    logprobs_BT = actor_of(world_of_one, model).logprobs(batch, 2, temperature=1.0)
+    torch.testing.assert_close(logprobs_BT, expected_BT, rtol=0, atol=1e-5)
