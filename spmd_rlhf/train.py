@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import (Config, ConfigError, check_context_length, check_known_keys, check_tp_shapes,
                      dedicated_generation_ranks, micro_batch_tokens, register_configs, validate)
-from .data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
+from .data.datasets import PromptExample
 from .data.loader import PromptLoader
 from .distributed.comm import use_training_group
 from .distributed.topology import Topology, init_distributed, read_launch_env, shutdown
@@ -35,6 +35,7 @@ from .models.build import build_models, build_reference
 from .models.heads import build_critic, check_model_dir, load_reward_model
 from .models.load import eos_token_ids, load_tokenizer, max_positions, model_config
 from .models.lora import fold_adapters
+from .models.vlm import check_vision_language, is_vision_language, text_config
 from .plot import write_dashboard
 from .rewards.build import build_scorer
 from .rewards.model import RewardModel
@@ -49,7 +50,7 @@ from .rollout.sync import CrossWeightSync, WeightSync, bucket_bytes_of
 from .rollout.worker import GenerationWorker
 from .rollout.vllm_checks import check_vllm
 from .rollout.vllm_moe import num_experts
-from .tasks.arithmetic import AdditionTask
+from .tasks.prompts import load_data, max_images, sft_demonstrations
 from .trainer.actor import Actor
 from .trainer.checkpoint import CheckpointError, CheckpointManager
 from .trainer.preemption import PreemptionHandler
@@ -79,39 +80,6 @@ def _register() -> None:
     OmegaConf.register_new_resolver(
         "rank_zero_subdir", lambda: ".hydra" if os.environ.get("RANK", "0") == "0" else None, replace=True
     )
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-
-def load_data(cfg: Config, tokenizer) -> tuple[list[PromptExample], list[PromptExample]]:
-    """Training and held-out prompts: files in verl's format, or the embedded arithmetic task."""
-    d = cfg.data
-    common = dict(tokenizer=tokenizer, max_prompt_length=d.max_prompt_length, apply_chat_template=d.apply_chat_template,
-                  max_bad_fraction=d.max_bad_row_fraction, default_data_source=d.default_data_source)
-    if not d.train_files:
-        train_rows, val_rows = arithmetic_task(cfg).rows()
-        train, _ = build_prompt_examples([(i + 1, r) for i, r in enumerate(train_rows)], key="data.train_files", **common)
-        val, _ = build_prompt_examples([(i + 1, r) for i, r in enumerate(val_rows)], key="data.val_files", **common)
-        return train, val[: d.max_val_examples]
-    train, _ = load_prompt_dataset(d.train_files, key="data.train_files", **common)
-    val: list[PromptExample] = []
-    if d.val_files:
-        val, _ = load_prompt_dataset(d.val_files, key="data.val_files", **common)
-    return train, val[: d.max_val_examples]
-
-
-def arithmetic_task(cfg: Config) -> AdditionTask:
-    a = cfg.data.arithmetic
-    return AdditionTask(digits=a.digits, num_val=a.num_val, carry_drop_prob=a.carry_drop_prob, seed=a.seed,
-                        style=a.style)
-
-
-def sft_demonstrations(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
-    count = cfg.trainer.sft.steps * cfg.trainer.sft.batch_size
-    demos = arithmetic_task(cfg).demonstrations(count, seed=cfg.trainer.seed + 1)
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    return [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in demos]
 
 
 # --- run ----------------------------------------------------------------------------------------
@@ -161,7 +129,8 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
     updates = t.total_steps * algo.ppo_epochs * (t.batch_size // t.mini_batch_size)
     optimizer, scheduler = build_optimizer(actor_model, t.lr, t.weight_decay, t.betas, t.warmup_steps, updates,
                                            t.min_lr_ratio, t.fused_optimizer, topo.device)
-    batcher = MicroBatcher(micro_batch_tokens(cfg, topo.device.type), cfg.model.logprob_chunk_tokens)
+    batcher = MicroBatcher(micro_batch_tokens(cfg, topo.device.type, is_vision_language(hf_config)),
+                           cfg.model.logprob_chunk_tokens)
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, t.grad_clip, topo.device, batcher=batcher)
     critic = build_critic_for(cfg, topo, hf_config, actor_model, updates) if algo.adv_estimator == "gae" else None
     reward_model = None
@@ -176,7 +145,8 @@ def build_trainer(cfg: Config, topo: Topology, tokenizer, train, val, scorer: Re
     else:
         offload = partial(ActorOffload, actor_model, optimizer, topo.device, t.offload_actor_during_rollout)
         with offload():  # vLLM sizes its KV cache in the room left
-            engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
+            engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id,
+                                  max_images(train + val))
         loader = PromptLoader(train, t.batch_size, topo.rank, topo.world_size, cfg.data.seed, cfg.data.shuffle,
                               mini_batch=t.mini_batch_size)
         rollouts = LocalRollouts(cfg, topo, engine, WeightSync(engine, actor_model, topo, bucket_bytes),
@@ -197,7 +167,8 @@ def global_loader(cfg: Config, train: list[PromptExample]) -> PromptLoader:
 def run_generation_rank(cfg: Config, topo: Topology, tokenizer, train, val, scorer: RewardScorer) -> None:
     """A generation-only rank (split placement): the engine, run by training rank 0's controls."""
     hf_config = model_config(cfg, tokenizer)
-    engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id)
+    engine = build_engine(cfg, topo, hf_config, eos_token_ids(tokenizer, hf_config), tokenizer.pad_token_id,
+                          max_images(train + val))
     try:
         sync = CrossWeightSync(topo, bucket_bytes_of(cfg.rollout.bucket_mb), engine=engine)
         GenerationWorker(cfg, topo, engine, sync, global_loader(cfg, train), tokenizer, scorer, val).run()
@@ -286,12 +257,14 @@ def preflight(cfg: Config, world_size: int, config_dict: dict | None = None):
         validate(cfg, world_size)
         tokenizer = load_tokenizer(cfg)
         hf_config = model_config(cfg, tokenizer)
-        heads = hf_config.num_attention_heads
-        check_tp_shapes(cfg, heads, getattr(hf_config, "num_key_value_heads", None) or heads,
-                        hf_config.intermediate_size, num_experts(hf_config))
+        check_vision_language(cfg, hf_config)
+        text = text_config(hf_config)
+        heads = text.num_attention_heads
+        check_tp_shapes(cfg, heads, getattr(text, "num_key_value_heads", None) or heads, text.intermediate_size,
+                        num_experts(hf_config))
         check_context_length(cfg, max_positions(hf_config))
         check_vllm(cfg, hf_config)
-        train, val = load_data(cfg, tokenizer)
+        train, val = load_data(cfg, tokenizer, hf_config)
         scorer = build_scorer(cfg.reward)
         check_reward_model(cfg, tokenizer)
         check_multi_turn(cfg, tokenizer)

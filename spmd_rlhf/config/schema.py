@@ -86,8 +86,19 @@ class ArithmeticTaskConfig:
 
 
 @dataclass
+class ShapesTaskConfig:
+    """The built-in visual task (``data.task=shapes``, ``tasks/shapes.py``): count the shapes in an image."""
+
+    size: int = 56  # pixels a side, a multiple of 28
+    num_train: int = 512
+    num_val: int = 64
+    seed: int = 0
+    style: str = "padded"  # padded ("<image>=", the tiny tokenizer) | chat (a question, for chat models)
+
+
+@dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # empty = the embedded arithmetic task
+    train_files: list[str] = field(default_factory=list)  # empty = the built-in task data.task
     val_files: list[str] = field(default_factory=list)
     max_prompt_length: int = 512
     apply_chat_template: bool = True
@@ -97,6 +108,8 @@ class DataConfig:
     seed: int = 0
     max_val_examples: int = 512
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    task: str = "arithmetic"  # the built-in task without data.train_files: arithmetic | shapes (needs a VL model.path)
+    shapes: ShapesTaskConfig = field(default_factory=ShapesTaskConfig)
 
 
 @dataclass

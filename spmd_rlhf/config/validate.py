@@ -14,6 +14,7 @@ import os
 from .checks import choice, in_range, positive
 from .schema import (ADV_ESTIMATORS, ALGORITHMS, ENGINES, KL_CONTROLLERS, KL_ESTIMATORS, LORA_SYNC, LOSS_AGG_MODES,
                      POLICY_LOSSES, VLLM_DTYPES, WEIGHT_SYNC, Config, ConfigError)
+from .validate_data import validate_task
 from .validate_layout import validate_layout
 from .validate_reward import validate_reward
 
@@ -154,6 +155,7 @@ def _validate_choices(cfg: Config) -> None:
     choice(cfg.algorithm.kl_estimator, "algorithm.kl_estimator", KL_ESTIMATORS)
     choice(cfg.rollout.engine, "rollout.engine", ENGINES)
     choice(cfg.data.arithmetic.style, "data.arithmetic.style", ("padded", "chat", "tools"))
+    validate_task(cfg)
     choice(cfg.rollout.weight_sync, "rollout.weight_sync", WEIGHT_SYNC)
     if cfg.rollout.engine == "vllm":
         _validate_vllm_knobs(cfg)

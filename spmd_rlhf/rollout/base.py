@@ -9,6 +9,10 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from transformers import PretrainedConfig
+
+from ..data.vision import VisionInputs
+from ..models.vlm import image_token_id
 
 
 @dataclass
@@ -87,9 +91,11 @@ class RolloutEngine(Protocol):
     dtype: torch.dtype  # the weight sync casts to it before sending
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
-                 seeds: list[int] | None = None) -> Samples:
+                 seeds: list[int] | None = None, vision: list[VisionInputs | None] | None = None) -> Samples:
         """Sample ``sampling.n`` completions for each of this rank's prompts; ``seeds`` (one per
-        prompt) make a prompt's samples independent of which replica draws them and of its batch."""
+        prompt) make a prompt's samples independent of which replica draws them and of its batch;
+        ``vision`` (one per prompt, None: no images) holds the images of a vision-language policy's
+        prompts, whose token ids carry their expanded placeholders."""
         ...
 
     def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
@@ -134,6 +140,12 @@ class EngineBase:
 
     def close(self) -> None:
         return None
+
+
+def placeholder_token_ids(hf_config: PretrainedConfig) -> list[int]:
+    """The token ids a vision-language policy never generates: its image and video placeholders (the
+    actor's forward would take one in a response for an image). Engines leave their logprobs as they are."""
+    return [image_token_id(hf_config), int(hf_config.video_token_id)]
 
 
 def sample_seeds(seed: int, prompt_ids: list[int], n: int) -> list[int]:

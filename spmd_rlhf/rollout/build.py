@@ -29,7 +29,9 @@ def vllm_max_model_len(cfg: Config, hf_config: PretrainedConfig) -> int:
 
 
 def build_engine(cfg: Config, topo: Topology, hf_config: PretrainedConfig, eos_ids: list[int],
-                 pad_id: int) -> RolloutEngine:
+                 pad_id: int, max_images: int = 0) -> RolloutEngine:
+    """The engine of ``rollout.engine``; ``max_images``: the most images one prompt holds (vLLM's limit
+    for a vision-language policy)."""
     if cfg.rollout.engine == "torch":
         from .torch_engine import TorchEngine
 
@@ -47,6 +49,6 @@ def build_engine(cfg: Config, topo: Topology, hf_config: PretrainedConfig, eos_i
             gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_gib=v.kv_cache_gib, sleep_level=v.sleep_level,
             enable_prefix_caching=v.enable_prefix_caching, trust_remote_code=cfg.model.trust_remote_code,
             log_level=v.log_level, seed_per_request=v.seed_per_request,
-            lora_rank=cfg.model.lora.rank if cfg.model.lora.sync == "adapter" else 0,
+            lora_rank=cfg.model.lora.rank if cfg.model.lora.sync == "adapter" else 0, max_images=max_images,
         )
     raise ConfigError(f"rollout.engine={cfg.rollout.engine!r} is not available; set rollout.engine=torch")

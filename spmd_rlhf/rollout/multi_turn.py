@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from ..config import Config, ConfigError
 from ..config.schema import MultiTurnConfig
 from ..data.datasets import PromptExample
+from ..data.vision import VisionInputs
 from .base import RolloutEngine, SamplingConfig, Samples, sample_seeds
 from .toolbox import SandboxTools, build_toolbox
 from .tools import CALL_CLOSE, CALL_OPEN, ERROR, TIMEOUT, ToolBox, ToolCall, ToolSettings, parse_tool_call
@@ -233,10 +234,17 @@ def close_all() -> None:
 atexit.register(close_all)
 
 
+def prompt_visions(examples: list[PromptExample]) -> list[VisionInputs | None] | None:
+    """The prompts' images for ``engine.generate`` (one per prompt); None when no prompt has any."""
+    visions = [e.vision for e in examples]
+    return visions if any(v is not None for v in visions) else None
+
+
 def rollout_samples(cfg: Config, engine: RolloutEngine, tokenizer, examples: list[PromptExample],
                     sampling: SamplingConfig) -> tuple[Samples, dict[str, float]]:
     """The samples of ``examples`` (seeded per prompt) and their metrics: one ``engine.generate``, or
     the multi-turn rollout when ``rollout.multi_turn.enable``."""
     if not cfg.rollout.multi_turn.enable:
-        return engine.generate([e.prompt_ids for e in examples], sampling, seeds=[e.index for e in examples]), {}
+        return engine.generate([e.prompt_ids for e in examples], sampling, seeds=[e.index for e in examples],
+                               vision=prompt_visions(examples)), {}
     return multi_turn_for(cfg, tokenizer).generate(engine, examples, sampling)

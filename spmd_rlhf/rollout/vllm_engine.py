@@ -15,7 +15,9 @@ In-process, vLLM seeds the global RNGs at construction; the engine restores them
 
 Generation. The ranks of a tp group gather their prompts (as ``TorchEngine`` does) and submit the
 identical request list; each returns its own share. Token ids go in (``TokensPrompt``, no
-tokenizer), token ids, per-token log-probs and finish reasons come out (no detokenisation).
+tokenizer), token ids, per-token log-probs and finish reasons come out (no detokenisation). A
+vision-language policy's prompts carry their images (``vllm_vision``; vLLM then loads the tokenizer
+and runs its own image processor).
 Each (prompt, sample) is its own request with ``n=1`` (vLLM refuses ``n > 1`` when greedy) and
 its own seed: from the prompt's seed and the sample's index (``sample_seeds``) when the caller
 gives per-prompt seeds, so a prompt's samples do not depend on the replica or batch that draws
@@ -55,8 +57,12 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import PretrainedConfig
 
+from spmd_rlhf.data.vision import VisionInputs
+from spmd_rlhf.models.vlm import image_token_id, is_vision_language, text_config
 from spmd_rlhf.rollout import vllm_compat as compat
-from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_tp_prompts, sample_seeds
+from spmd_rlhf.rollout import vllm_vision
+from spmd_rlhf.rollout.base import (EngineBase, SamplingConfig, Samples, gather_tp_prompts, placeholder_token_ids,
+                                    sample_seeds)
 from spmd_rlhf.rollout.vllm_layout import (
     EMBED, FusedLayout, copy_tp_slice, expected_writes, vllm_shard_dims, vocab_chunks_align,
 )
@@ -111,6 +117,7 @@ class VLLMEngine(EngineBase):
         seed_per_request: bool = True,
         timeout_s: float | None = None,
         lora_rank: int = 0,
+        max_images: int = 0,
     ) -> None:
         if not eos_token_ids:
             raise ValueError("rollout engine needs at least one EOS token id (tokenizer eos_token_id)")
@@ -130,13 +137,16 @@ class VLLMEngine(EngineBase):
                         "at load); syncing full tensors instead (rollout.weight_sync=full)")
         self._weights_loaded = False
         self._warned_truncated_logprobs = False
+        # a vision-language policy: its image token (prompts carry images, vLLM processes them)
+        self._image_token = image_token_id(hf_config) if is_vision_language(hf_config) else None
+        self._banned = placeholder_token_ids(hf_config) if self._image_token is not None else []
 
         # vLLM's INFO lines (one per scheduler step and request batch) drown the trainer's own log
         logging.getLogger("vllm").setLevel(log_level.upper())
         LLM, self._SamplingParams, self._TokensPrompt = compat.api()
         options = dict(
             model=model_path or write_config(hf_config),
-            skip_tokenizer_init=True,
+            skip_tokenizer_init=self._image_token is None,  # vLLM's image processor needs the tokenizer
             load_format="dummy",  # weights always come from the actor, synced before generating
             distributed_executor_backend="external_launcher",
             tensor_parallel_size=self.tp,
@@ -153,6 +163,7 @@ class VLLMEngine(EngineBase):
             **compat.engine_kwargs(self.device.type, kv_cache_gib=kv_cache_gib,
                                    gpu_memory_utilization=gpu_memory_utilization, sleep_mode=self._memory.enabled),
             **(VLLMAdapters.engine_kwargs(lora_rank) if lora_rank > 0 else {}),
+            **(vllm_vision.engine_kwargs(max_images) if self._image_token is not None else {}),
         )
         with self._world.launched(), preserved_rng(), compat.quiet_start(), compat.vllm_allocator(self.device.type):
             # (in-process vLLM seeds the global RNGs with its seed; preserved_rng undoes that)
@@ -170,7 +181,7 @@ class VLLMEngine(EngineBase):
         params = dict(compat.driver_model(self.llm).named_parameters())
         if EMBED not in params:
             raise ValueError(f"vLLM's model has no {EMBED}; set rollout.weight_sync=full")
-        whole = not vocab_chunks_align(hf_config.vocab_size, params[EMBED].shape[0], self.tp)
+        whole = not vocab_chunks_align(text_config(hf_config).vocab_size, params[EMBED].shape[0], self.tp)
         return FusedLayout.from_config(hf_config, self.tp, self.tp_rank, vocab_whole=whole)
 
     def close(self) -> None:
@@ -257,6 +268,7 @@ class VLLMEngine(EngineBase):
             detokenize=False,
             stop_token_ids=([] if sampling.ignore_eos else self.eos_ids) + sampling.single_token_stops(),
             ignore_eos=sampling.ignore_eos,
+            logit_bias=vllm_vision.banned_bias(self._banned),
         )
 
     def _warn_truncated(self, sampling: SamplingConfig) -> None:
@@ -275,16 +287,28 @@ class VLLMEngine(EngineBase):
             return sample_seeds(sampling.seed, seeds, sampling.n)
         return [_row_seed(sampling.seed, row) for row in range(rows)]
 
+    def _requests(self, prompts: list[list[int]], visions: list[VisionInputs | None] | None, n: int) -> list:
+        """``n`` requests per prompt: token prompts, with their images for a vision-language policy."""
+        if self._image_token is None:
+            return [self._TokensPrompt(prompt_token_ids=p) for p in prompts for _ in range(n)]
+        visions = visions or [None] * len(prompts)
+        return [vllm_vision.request(self._TokensPrompt, p, v, self._image_token)
+                for p, v in zip(prompts, visions) for _ in range(n)]
+
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
-                 seeds: list[int] | None = None) -> Samples:
+                 seeds: list[int] | None = None, vision: list[VisionInputs | None] | None = None) -> Samples:
         """``sampling.n`` completions per prompt of this rank, prompt-major; with ``seeds`` (one per
-        prompt) a prompt's samples are the same whichever replica draws them, in whatever batch."""
+        prompt) a prompt's samples are the same whichever replica draws them, in whatever batch;
+        ``vision``: each prompt's images (a vision-language policy), gathered with the prompts."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("rollout prompts must hold at least one token")
         assert seeds is None or len(seeds) == len(prompt_token_ids)
+        assert vision is None or len(vision) == len(prompt_token_ids)
         prompts, offset = gather_tp_prompts(self.tp_mesh, prompt_token_ids)
         if seeds is not None:
             seeds, _ = gather_tp_prompts(self.tp_mesh, seeds)
+        if self._image_token is not None:  # every tp rank takes part, images or not
+            vision, _ = gather_tp_prompts(self.tp_mesh, vision or [None] * len(prompt_token_ids))
         if not prompts:
             return Samples([], [], [])
         if not self._weights_loaded:
@@ -292,7 +316,7 @@ class VLLMEngine(EngineBase):
                                "call load_weights first")
         self._warn_truncated(sampling)
         n = sampling.n
-        requests = [self._TokensPrompt(prompt_token_ids=p) for p in prompts for _ in range(n)]
+        requests = self._requests(prompts, vision, n)
         params = [self._params(sampling, seed) for seed in self._request_seeds(sampling, len(requests), seeds)]
         with self._world.entered():
             self._memory.wake(self.llm, ["weights", "kv_cache"])

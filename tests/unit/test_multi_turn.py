@@ -37,7 +37,7 @@ class ScriptedEngine(EngineBase):
     script: dict[str, list[str]]
     calls: list[tuple[list[str], SamplingConfig, list[int] | None]] = field(default_factory=list)
 
-    def generate(self, prompt_token_ids, sampling, seeds=None) -> Samples:
+    def generate(self, prompt_token_ids, sampling, seeds=None, vision=None) -> Samples:
         texts = [TOK.decode(p) for p in prompt_token_ids]
         self.calls.append((texts, sampling, seeds))
         turn = len(self.calls) - 1
@@ -176,7 +176,7 @@ class Replies(EngineBase):
     def __init__(self, tok, replies: list[str]):
         self.tok, self.replies, self.prompts = tok, list(replies), []
 
-    def generate(self, prompt_token_ids, sampling, seeds=None) -> Samples:
+    def generate(self, prompt_token_ids, sampling, seeds=None, vision=None) -> Samples:
         self.prompts.append([self.tok.decode(p) for p in prompt_token_ids])
         reply = self.tok(self.replies.pop(0), add_special_tokens=False).input_ids
         out = [list(reply) for _ in prompt_token_ids]

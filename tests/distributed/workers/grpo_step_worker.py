@@ -95,7 +95,7 @@ class FixedEngine(EngineBase):
     def __init__(self, table: dict[tuple[int, ...], list[list[int]]]):
         self.table = table
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, seeds=None) -> Samples:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, seeds=None, vision=None) -> Samples:
         assert sampling.n == N
         token_ids = [list(r) for p in prompt_token_ids for r in self.table[tuple(p)]]
         return Samples(token_ids, [[0.0] * len(t) for t in token_ids], ["stop"] * len(token_ids))
