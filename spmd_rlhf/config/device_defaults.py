@@ -11,7 +11,8 @@ DEFAULT_CUDA_MICRO_BATCH_TOKENS = 16384
 
 def micro_batch_tokens(cfg: Config, device_type: str, vision_language: bool = False) -> int:
     """``trainer.max_tokens_per_micro_batch``; null = packed micro-batches on CUDA, padded on CPU and
-    for vision-language policies (``models/vlm.is_vision_language``: packing does not carry images)."""
+    for vision-language policies (``models/vlm.is_vision_language``; they pack when it is set, but
+    packed image rows with compiled layers are not measured on GPUs yet)."""
     if cfg.trainer.max_tokens_per_micro_batch is not None:
         return cfg.trainer.max_tokens_per_micro_batch
     return DEFAULT_CUDA_MICRO_BATCH_TOKENS if device_type == "cuda" and not vision_language else 0

@@ -40,7 +40,7 @@ def text_config(hf_config: PretrainedConfig) -> PretrainedConfig:
 
 def check_vision_language(cfg: Config, hf_config: PretrainedConfig) -> None:
     """Raise ``ConfigError`` (before any process group) for what a VL policy does not run with yet:
-    tensor or sequence parallelism, packed micro-batches, LoRA, a critic made from the actor."""
+    tensor or sequence parallelism, LoRA, a critic made from the actor."""
     if not is_vision_language(hf_config):
         return
     what = f"model.path is a vision-language model ({hf_config.model_type})"
@@ -48,13 +48,8 @@ def check_vision_language(cfg: Config, hf_config: PretrainedConfig) -> None:
         raise ConfigError(f"distributed.tp={cfg.distributed.tp}: {what}, which has no tensor-parallel plan yet; "
                           "set distributed.tp=1")
     if cfg.distributed.sp > 1:
-        raise ConfigError(f"distributed.sp={cfg.distributed.sp}: {what}, whose micro-batches are padded rows (no "
-                          "sequence parallelism); set distributed.sp=1")
-    tokens = cfg.trainer.max_tokens_per_micro_batch
-    if tokens is not None and tokens > 0:
-        raise ConfigError(f"trainer.max_tokens_per_micro_batch={tokens}: {what}, whose micro-batches are padded "
-                          "rows (packing does not carry images yet); set trainer.max_tokens_per_micro_batch=0 "
-                          "or null")
+        raise ConfigError(f"distributed.sp={cfg.distributed.sp}: {what}, which has no sequence parallelism yet; "
+                          "set distributed.sp=1")
     if cfg.model.lora.rank > 0:
         raise ConfigError(f"model.lora.rank={cfg.model.lora.rank}: {what}; LoRA adapters on it are not supported "
                           "yet, set model.lora.rank=0")
@@ -83,30 +78,38 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     return model.model.visual
 
 
-def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, **decoder_kwargs) -> torch.Tensor:
+def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                   image_grid_thw: torch.Tensor | None = None, **decoder_kwargs) -> torch.Tensor:
     """Last hidden states ``[B, T, H]`` of the policy's body (no head): a text model's decoder, or a
-    VL model's vision tower + language model. A VL forward without images still runs the tower, on
-    a 2x2-patch blank, before the language model (its output times 0 joins the input embeddings),
-    so every rank's FSDP units gather, and reduce, in the same order whether or not its
-    micro-batch holds images."""
+    VL model's vision tower, its features scattered over the ``image_pad`` embeddings, then the
+    language model (``decoder_kwargs``, e.g. packed-sequence boundaries, reach the language model
+    only). The tower runs first in every VL forward, on a 2x2-patch blank when there is no image
+    (its output times 0 joins the embeddings), so every rank's FSDP units gather, and reduce, in
+    the same order whether or not its micro-batch holds images."""
     if not is_vision_language(model.config):
+        assert pixel_values is None, "images for a text-only policy"
         return model.get_decoder()(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
     body = multimodal_body(model)
-    if "pixel_values" in decoder_kwargs:
-        return body(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state
-    blank = _blank_image_features(model, input_ids.device).sum()
+    blank = pixel_values is None
+    if blank:
+        pixel_values, image_grid_thw = _blank_image(model.config, input_ids.device)
+    features_NH = torch.cat(body.get_image_features(pixel_values, image_grid_thw).pooler_output)
     embeds_BTH = body.get_input_embeddings()(input_ids)
-    embeds_BTH = embeds_BTH + 0.0 * blank.to(embeds_BTH.dtype)
-    return body(inputs_embeds=embeds_BTH, use_cache=False, **decoder_kwargs).last_hidden_state
+    features_NH = features_NH.to(embeds_BTH.dtype)
+    if blank:
+        embeds_BTH = embeds_BTH + 0.0 * features_NH.sum()
+    else:  # the plan matched the placeholder runs to the grids (mrope_positions asserts it)
+        image_BT1 = (input_ids == image_token_id(model.config)).unsqueeze(-1)
+        embeds_BTH = embeds_BTH.masked_scatter(image_BT1, features_NH)
+    return body.language_model(inputs_embeds=embeds_BTH, use_cache=False, **decoder_kwargs).last_hidden_state
 
 
-def _blank_image_features(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    vision = model.config.vision_config
+def _blank_image(hf_config: PretrainedConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels and grid of the smallest image the tower takes: one merged token of zeros."""
+    vision = hf_config.vision_config
     merge = vision.spatial_merge_size
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    pixels_PD = torch.zeros(merge * merge, width, device=device)
-    grid_13 = torch.tensor([[1, merge, merge]], device=device)
-    return multimodal_body(model).get_image_features(pixels_PD, grid_13).pooler_output[0]
+    return torch.zeros(merge * merge, width, device=device), torch.tensor([[1, merge, merge]], device=device)
 
 
 def vision_forward_kwargs(hf_config: PretrainedConfig, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
@@ -129,6 +132,22 @@ def vision_forward_kwargs(hf_config: PretrainedConfig, input_ids_BT: torch.Tenso
     return {"pixel_values": torch.cat([v.pixel_values_PD for _, v in rows]),
             "image_grid_thw": torch.cat([v.image_grid_thw_I3 for _, v in rows]),
             "position_ids": positions_3BT}
+
+
+def packed_vision_forward_kwargs(hf_config: PretrainedConfig, input_ids_SL: torch.Tensor,
+                                 attention_mask_SL: torch.Tensor, visions: list[VisionInputs | None],
+                                 text_positions_1N: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``vision_forward_kwargs`` of S right-padded rows packed into one row of their real tokens, in
+    row order (``data/packing.pack``): ``position_ids`` in transformers' packed form ``[4, 1, N]``,
+    row 0 the per-sequence text positions (``text_positions_1N``, where sequences start), rows 1-3
+    M-RoPE. Empty when no row has an image."""
+    inputs = vision_forward_kwargs(hf_config, input_ids_SL, attention_mask_SL, visions)
+    if not inputs:
+        return {}
+    positions_3N = inputs["position_ids"][:, attention_mask_SL.bool()]
+    assert positions_3N.shape[1] == text_positions_1N.shape[1], "the rows' real tokens are the packed row"
+    inputs["position_ids"] = torch.cat([text_positions_1N, positions_3N]).unsqueeze(1)
+    return inputs
 
 
 def mrope_positions(input_ids_L: torch.Tensor, image_grid_thw_I3: torch.Tensor, image_token_id: int,

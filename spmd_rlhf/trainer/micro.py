@@ -19,9 +19,10 @@ packed row is padded to a multiple of sp, every rank runs the decoder and the he
 the tokens, and the log-probs are summed over the group, so every sp rank returns the whole
 micro-batch's (gradients reach each rank's own tokens only).
 
-Vision-language batches (padded only; ``models/vlm.check_vision_language``): the plan turns each
-micro-batch's rows into the forward's pixel inputs and M-RoPE positions once, on the host, and
-moves them with the micro-batch (``Micro.vision``).
+Vision-language batches (no sequence parallel; ``models/vlm.check_vision_language``): the plan
+turns each micro-batch's rows into the forward's pixel inputs and M-RoPE positions once, on the
+host, and moves them with the micro-batch (``Micro.vision``); packed, the positions take
+transformers' packed form ``[4, 1, N]`` (text positions, then M-RoPE).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..distributed.ulysses import local_span, share_rows, split_decoder, sum_ove
 from ..distributed.ulysses import sp_group as sp_group_of_process
 from ..models.attention import packed_forward_kwargs, use_packed_attention
 from ..models.logprobs import fused_policy_forward
-from ..models.vlm import vision_forward_kwargs
+from ..models.vlm import packed_vision_forward_kwargs, vision_forward_kwargs
 
 
 @dataclass
@@ -106,15 +107,15 @@ class MicroBatcher:
                 for micro in micros:
                     micro.vision = _vision_inputs(batch, micro, hf_config, device)
             return micros
-        assert batch.vision is None, "packed micro-batches with images (check_vision_language refuses them)"
         count = count_micro_batches(lengths, self.max_tokens)
         if dist.is_initialized():
             (count,) = all_reduce_floats([float(count)], op=dist.ReduceOp.MAX)
         micros = []
         for rows in plan_micro_batches(lengths, self.max_tokens, num_micro=int(count)):
-            packed = pack(batch, rows).padded(self.sp).to(device, non_blocking=True)  # rows == []: a masked dummy
+            packed = pack(batch, rows).padded(self.sp)  # rows == []: a masked dummy
+            vision = _packed_vision_inputs(batch, packed, hf_config, device) if batch.vision is not None else {}
             index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
-            micros.append(Micro(index, packed.width, packed, self.sp_group))
+            micros.append(Micro(index, packed.width, packed.to(device, non_blocking=True), self.sp_group, vision))
         return micros
 
 
@@ -125,6 +126,19 @@ def _vision_inputs(batch: TokenBatch, micro: Micro, hf_config: PretrainedConfig 
     w = micro.width + 1
     inputs = vision_forward_kwargs(hf_config, batch.input_ids_BT[micro.rows, :w], batch.attention_mask_BT[micro.rows, :w],
                                    batch.vision_rows(micro.rows))
+    return {name: t.to(device, non_blocking=True) for name, t in inputs.items()}
+
+
+def _packed_vision_inputs(batch: TokenBatch, packed: PackedBatch, hf_config: PretrainedConfig | None,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """The device pixel inputs and packed M-RoPE positions of a packed micro-batch (host ``packed``)."""
+    assert hf_config is not None, "a batch with images needs the policy's config to plan"
+    if not packed.rows:
+        return {}
+    assert packed.num_tokens == sum(packed.lengths), "sequence parallel filler with images (refused)"
+    index = torch.tensor(packed.rows, dtype=torch.long)
+    inputs = packed_vision_forward_kwargs(hf_config, batch.input_ids_BT[index], batch.attention_mask_BT[index],
+                                          batch.vision_rows(packed.rows), packed.position_ids_1N)
     return {name: t.to(device, non_blocking=True) for name, t in inputs.items()}
 
 
@@ -142,10 +156,12 @@ def micro_logprobs(model: torch.nn.Module, micro: Micro, batch: TokenBatch, temp
                                     entropy_requires_grad=entropy_grad, chunk_tokens=chunk_tokens, **vision)
     p = micro.packed
     if micro.sp_group is None:
+        vision = dict(micro.vision)
+        positions = vision.pop("position_ids", p.position_ids_1N)
         logprobs_1M, entropy_1M = fused_policy_forward(
-            model, p.input_ids_1N, None, p.position_ids_1N, p.loss_mask_1M.bool(), temperature,
+            model, p.input_ids_1N, None, positions, p.loss_mask_1M.bool(), temperature,
             with_entropy=with_entropy, entropy_requires_grad=entropy_grad, chunk_tokens=chunk_tokens,
-            **packed_forward_kwargs(p))
+            **packed_forward_kwargs(p), **vision)
     else:
         logprobs_1M, entropy_1M = _sequence_parallel_logprobs(model, p, micro.sp_group, temperature, chunk_tokens,
                                                               with_entropy, entropy_grad)

@@ -4,6 +4,7 @@ an update, and the configurations a VL policy refuses."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -16,7 +17,7 @@ from spmd_rlhf.models.parallelize import decoder_layers, parallelize
 from spmd_rlhf.models.vlm import (check_vision_language, is_vision_language, model_class, mrope_positions,
                                   vision_forward_kwargs)
 from spmd_rlhf.trainer.actor import Actor, PolicyTargets
-from spmd_rlhf.trainer.micro import token_logits
+from spmd_rlhf.trainer.micro import MicroBatcher, token_logits
 from spmd_rlhf.trainer.schedule import build_scheduler
 from tests.distributed.workers.tiny_vl import hf_batch_logprobs, tiny_vl, vl_batch
 
@@ -78,10 +79,11 @@ def test_select_and_to_keep_rows_and_images_aligned():
     assert batch.to(CPU).vision is batch.vision
 
 
-def actor_of(mesh, model, freeze: bool = True) -> Actor:
+def actor_of(mesh, model, freeze: bool = True, max_tokens: int = 0) -> Actor:
     model = parallelize(model, mesh, CPU, trainable=True, freeze_vision_tower=freeze)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    return Actor(model, optimizer, build_scheduler(optimizer, 0, 10, 1.0), 1, 0.0, CPU)
+    return Actor(model, optimizer, build_scheduler(optimizer, 0, 10, 1.0), 1, 0.0, CPU,
+                 batcher=MicroBatcher(max_tokens))
 
 
 def test_model_class_and_layers_of_a_vision_language_policy():
@@ -136,8 +138,10 @@ def test_vision_language_configuration_errors():
     cfg = Config()
     cfg.trainer.max_tokens_per_micro_batch = None
     assert micro_batch_tokens(cfg, "cuda", vision_language=True) == 0 and micro_batch_tokens(cfg, "cuda") > 0
-    for key, value in [("distributed.tp", 2), ("distributed.sp", 2), ("trainer.max_tokens_per_micro_batch", 4096),
-                       ("model.lora.rank", 8), ("algorithm.adv_estimator", "gae")]:
+    cfg.trainer.max_tokens_per_micro_batch = 4096
+    check_vision_language(cfg, hf_config)  # packed micro-batches carry images
+    for key, value in [("distributed.tp", 2), ("distributed.sp", 2), ("model.lora.rank", 8),
+                       ("algorithm.adv_estimator", "gae")]:
         cfg = Config()
         section, name = key.rsplit(".", 1)
         owner = cfg
@@ -163,3 +167,20 @@ def test_text_only_rows_of_a_vision_language_policy_equal_plain_hf_forwards(worl
     expected_BT = hf_batch_logprobs(model, batch, prompts, responses)
     logprobs_BT = actor_of(world_of_one, model).logprobs(batch, 2, temperature=1.0)
     torch.testing.assert_close(logprobs_BT, expected_BT, rtol=0, atol=1e-5)
+
+
+def test_packed_micro_batches_with_images_equal_plain_hf_forwards_and_the_padded_update(world_of_one):
+    """Rows packed up to 48 tokens (positions [4, 1, N]: text, then M-RoPE) give HF's log-probs, and
+    the same update as padded micro-batches."""
+    model, tokenizer = tiny_vl()
+    batch, prompts, responses = vl_batch(tokenizer)
+    expected_BT = hf_batch_logprobs(model, batch, prompts, responses)
+    packed, padded = actor_of(world_of_one, copy.deepcopy(model), max_tokens=48), actor_of(world_of_one, model)
+    assert len(packed.batcher.plan(batch, 6, CPU, model.config)) >= 2
+    torch.testing.assert_close(packed.logprobs(batch, 6, temperature=1.0), expected_BT, rtol=0, atol=1e-5)
+    targets = PolicyTargets(torch.randn(batch.loss_mask_BT.shape, generator=torch.Generator().manual_seed(0)), None)
+    for actor in (packed, padded):
+        actor.update(batch, targets, AlgorithmConfig(), micro_batch_size=6, temperature=1.0)
+    weights = {name: p.full_tensor() for name, p in padded.model.named_parameters()}
+    for name, param in packed.model.named_parameters():
+        torch.testing.assert_close(param.full_tensor(), weights[name], rtol=1e-5, atol=1e-6, msg=name)
