@@ -13,6 +13,9 @@ Megatron layout:
   all-reduces); lm_head is column-parallel with the logits gathered to every rank;
 * norms (including Qwen3's per-head q_norm/k_norm) are replicated.
 
+Vision-language models (Qwen2-VL, Qwen2.5-VL): the language model (``model.language_model.*``)
+takes the same plan; the vision tower (``model.visual.*``) is replicated, every rank runs it whole.
+
 Mixture of experts (Qwen3-MoE, Qwen2-MoE) is expert-parallel: the fused experts
 (``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) split on dim 0, so each tp
 rank holds whole experts (``distributed/expert_parallel.py``); the router (``mlp.gate``) is
@@ -36,10 +39,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from .expert_parallel import shard_experts
 
-_LAYER = r"model\.layers\.\d+\."
+_LAYER = r"model\.(language_model\.)?layers\.\d+\."
 # (pattern, shard dim); the first match wins.
 _RULES: list[tuple[re.Pattern[str], int | None]] = [
-    (re.compile(r"model\.embed_tokens\.weight"), 0),
+    (re.compile(r"model\.visual\..+"), None),  # a VL model's vision tower: replicated
+    (re.compile(r"model\.(language_model\.)?embed_tokens\.weight"), 0),
     (re.compile(r"lm_head\.weight"), 0),
     (re.compile(_LAYER + r"self_attn\.[qkv]_proj\.(weight|bias)"), 0),
     (re.compile(_LAYER + r"mlp\.(gate|up)_proj\.(weight|bias)"), 0),
@@ -79,6 +83,7 @@ def replicated_dims(model: nn.Module) -> dict[str, int | None]:
 
 def _check_heads(config, tp: int) -> None:
     """The invariant ``config.layout.check_tp_shapes`` enforces before any process group."""
+    config = config.get_text_config()  # a VL model's language model
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     assert heads % tp == 0 and kv_heads % tp == 0, (
@@ -130,18 +135,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         return model
     param_shard_dims(model)  # raises for unknown architectures
     _check_heads(model.config, tp)
+    decoder = model.get_decoder()  # model.model; a VL model's model.language_model
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
     plan: dict[str, object] = {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+        f"{prefix}.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
         "lm_head": ColwiseParallel(output_layouts=Replicate()),
     }
-    for index, layer in enumerate(model.model.layers):
-        plan.update(_layer_plan(f"model.layers.{index}", layer))
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for index, layer in enumerate(decoder.layers):
+        plan.update(_layer_plan(f"{prefix}.layers.{index}", layer))
+    tied = model.lm_head.weight is decoder.embed_tokens.weight
     parallelize_module(model, tp_mesh, plan)
-    for layer in model.model.layers:
+    for layer in decoder.layers:
         moe = _moe_block(layer)
         if moe is not None:
             shard_experts(moe.experts, tp, tp_mesh.get_local_rank(), tp_mesh.get_group())
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = decoder.embed_tokens.weight
     return model

@@ -40,13 +40,10 @@ def text_config(hf_config: PretrainedConfig) -> PretrainedConfig:
 
 def check_vision_language(cfg: Config, hf_config: PretrainedConfig) -> None:
     """Raise ``ConfigError`` (before any process group) for what a VL policy does not run with yet:
-    tensor or sequence parallelism, LoRA, a critic made from the actor."""
+    sequence parallelism, LoRA, a critic made from the actor."""
     if not is_vision_language(hf_config):
         return
     what = f"model.path is a vision-language model ({hf_config.model_type})"
-    if cfg.distributed.tp > 1:
-        raise ConfigError(f"distributed.tp={cfg.distributed.tp}: {what}, which has no tensor-parallel plan yet; "
-                          "set distributed.tp=1")
     if cfg.distributed.sp > 1:
         raise ConfigError(f"distributed.sp={cfg.distributed.sp}: {what}, which has no sequence parallelism yet; "
                           "set distributed.sp=1")

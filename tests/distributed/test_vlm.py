@@ -32,3 +32,10 @@ def test_vision_language_policy_is_the_same_on_one_and_two_ranks(tmp_path):
     moved = max((two["weights"][n] - two["initial"][n]).abs().max() for n in two["weights"] if ".layers." in n)
     assert moved > 1e-4, "the language model moves"
     assert abs(one["metrics"]["actor/pg_loss"] - two["metrics"]["actor/pg_loss"]) <= 1e-5
+
+
+def test_vision_language_tensor_parallel_layout_and_forward(tmp_path):
+    """tp = 2: the language model split as the weight sync slices it, the tower whole, logits exact."""
+    out = tmp_path / "tp.txt"
+    torchrun([str(REPO_ROOT / "tests" / "distributed" / "workers" / "vl_tp_worker.py"), str(out)], 2, timeout=240)
+    assert out.read_text() == "ok"

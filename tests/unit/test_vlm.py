@@ -140,7 +140,9 @@ def test_vision_language_configuration_errors():
     assert micro_batch_tokens(cfg, "cuda", vision_language=True) == 0 and micro_batch_tokens(cfg, "cuda") > 0
     cfg.trainer.max_tokens_per_micro_batch = 4096
     check_vision_language(cfg, hf_config)  # packed micro-batches carry images
-    for key, value in [("distributed.tp", 2), ("distributed.sp", 2), ("model.lora.rank", 8),
+    cfg.distributed.tp = 2
+    check_vision_language(cfg, hf_config)  # the language model is tensor parallel, the tower replicated
+    for key, value in [("distributed.sp", 2), ("model.lora.rank", 8),
                        ("algorithm.adv_estimator", "gae")]:
         cfg = Config()
         section, name = key.rsplit(".", 1)
