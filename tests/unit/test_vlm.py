@@ -79,8 +79,8 @@ def test_select_and_to_keep_rows_and_images_aligned():
     assert batch.to(CPU).vision is batch.vision
 
 
-def actor_of(mesh, model, freeze: bool = True, max_tokens: int = 0) -> Actor:
-    model = parallelize(model, mesh, CPU, trainable=True, freeze_vision_tower=freeze)
+def actor_of(mesh, model, freeze: bool = True, max_tokens: int = 0, checkpointing: bool = False) -> Actor:
+    model = parallelize(model, mesh, CPU, checkpointing, trainable=True, freeze_vision_tower=freeze)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     return Actor(model, optimizer, build_scheduler(optimizer, 0, 10, 1.0), 1, 0.0, CPU,
                  batcher=MicroBatcher(max_tokens))
@@ -186,3 +186,30 @@ def test_packed_micro_batches_with_images_equal_plain_hf_forwards_and_the_padded
     weights = {name: p.full_tensor() for name, p in padded.model.named_parameters()}
     for name, param in packed.model.named_parameters():
         torch.testing.assert_close(param.full_tensor(), weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_update(world_of_one):
+    model, tokenizer = tiny_vl()
+    batch, _, _ = vl_batch(tokenizer)
+    targets = PolicyTargets(torch.randn(batch.loss_mask_BT.shape, generator=torch.Generator().manual_seed(0)), None)
+    actors = [actor_of(world_of_one, copy.deepcopy(model), checkpointing=True), actor_of(world_of_one, model)]
+    for actor in actors:
+        actor.update(batch, targets, AlgorithmConfig(), micro_batch_size=3, temperature=1.0)
+    weights = {name: p.full_tensor() for name, p in actors[1].model.named_parameters()}
+    for name, param in actors[0].model.named_parameters():
+        torch.testing.assert_close(param.full_tensor(), weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_frozen_and_trainable_parameters_never_share_an_fsdp_group(world_of_one):
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    model, _ = tiny_vl()
+    actor = actor_of(world_of_one, model)
+    kinds = []
+    for module in actor.model.modules():
+        group = fully_shard.state(module)._fsdp_param_group if isinstance(module, FSDPModule) else None
+        if group is not None:
+            flags = {p.sharded_param.requires_grad for p in group.fsdp_params}
+            assert len(flags) == 1, type(module).__name__
+            kinds.append(flags.pop())
+    assert kinds.count(False) == 3 and kinds.count(True) == 3  # 2 vision blocks + the tower; 2 layers + the root
