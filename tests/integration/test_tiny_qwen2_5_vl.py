@@ -16,14 +16,21 @@ from tests.launch import REPO_ROOT, child_env, torchrun
 pytestmark = pytest.mark.slow
 
 
-def test_recipe_runs_with_images_and_logs_logprob_diff(tmp_path):
+# colocated (both ranks train and generate), and split (one training rank, one generation rank: the
+# generation rank's engine reads the images of its own copy of the prompts)
+PLACEMENTS = {"colocate": [], "split": ["distributed.placement=split", "distributed.generation_ranks=1"]}
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_recipe_runs_with_images_and_logs_logprob_diff(tmp_path, placement):
     subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_tiny_model.py"), "qwen2_5_vl",
                     str(tmp_path / "outputs" / "tiny_qwen2_5_vl")], env=child_env(), check=True, capture_output=True,
                    timeout=120)
     run_dir = tmp_path / "run"
     torchrun(["-m", "spmd_rlhf.train", "recipe=tiny_qwen2_5_vl", f"hydra.run.dir={run_dir}", "logging.progress_bar=false",
               "trainer.total_steps=3", "trainer.batch_size=16", "trainer.mini_batch_size=16", "rollout.n=4",
-              "data.shapes.num_train=64", "data.shapes.num_val=16"], nproc=2, timeout=300, cwd=tmp_path)
+              "data.shapes.num_train=64", "data.shapes.num_val=16", *PLACEMENTS[placement]], nproc=2, timeout=300,
+             cwd=tmp_path)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward/mean" in r]
     assert len(steps) == 3
