@@ -6,7 +6,7 @@ must still gather alike on both).
 * ``logprobs``: the actor's log-probs of every row equal plain, unpadded HF forwards within 1e-5;
 * ``reference``: ``build_reference``'s frozen copy gives the actor's log-probs;
 * ``update``: one policy-gradient step with fixed advantages; the vision tower (frozen by default)
-  stays bit-identical to the initial weights.
+  stays bit-identical to the initial weights (``argv[2] == "unfrozen"``: it trains too).
 Rank 0 saves the passed checks, the log-probs, the initial and the final full weights to ``argv[1]``.
 """
 
@@ -40,7 +40,7 @@ def gathered(values_BT: torch.Tensor, rows: slice, shape: torch.Size) -> torch.T
 
 
 def main() -> None:
-    out = sys.argv[1]
+    out, freeze = sys.argv[1], sys.argv[2:] != ["unfrozen"]
     topo = init_distributed(1, 1, 120)
     rank, world, passed = dist.get_rank(), dist.get_world_size(), []
     full, tokenizer = tiny_vl()
@@ -50,7 +50,7 @@ def main() -> None:
     mine = batch.select(rows)
     expected_BT = hf_batch_logprobs(full, batch, prompts, responses)
 
-    actor_model = parallelize(copy.deepcopy(full), topo.fsdp_mesh, topo.device)
+    actor_model = parallelize(copy.deepcopy(full), topo.fsdp_mesh, topo.device, freeze_vision_tower=freeze)
     optimizer = torch.optim.AdamW([p for p in actor_model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     actor = Actor(actor_model, optimizer, scheduler, topo.dp_size, 0.0, topo.device)
@@ -69,7 +69,7 @@ def main() -> None:
     weights = {name: p.full_tensor().detach().clone() for name, p in actor_model.named_parameters()}
     initial = dict(full.named_parameters())
     for name, weight in weights.items():
-        if name.startswith("model.visual."):
+        if name.startswith("model.visual.") and freeze:
             assert torch.equal(weight, initial[name]), name
     passed.append("update")
     if rank == 0:
