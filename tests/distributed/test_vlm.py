@@ -5,12 +5,15 @@ rank beside an image one on the other does not hang, and one update lands on the
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.launch import REPO_ROOT, torchrun
 
 WORKER = REPO_ROOT / "tests" / "distributed" / "workers" / "vl_worker.py"
 CHECKS = ["logprobs", "reference", "update"]
+
+pytestmark = pytest.mark.slow
 
 
 def run(tmp_path, nproc: int, *args: str) -> dict:
