@@ -21,5 +21,5 @@ def validate_task(cfg: Config) -> None:
         raise ConfigError(f"data.shapes.size={s.size} must be a positive multiple of 28 (two 14-pixel patches "
                           "a side per cell of the 2x2 grid); set data.shapes.size=56")
     if cfg.data.task == "shapes" and not cfg.data.train_files and cfg.model.path is None:
-        raise ConfigError("data.task=shapes needs a vision-language model.path (make one with "
-                          "`python tools/make_tiny_model.py qwen2_5_vl outputs/tiny_qwen2_5_vl`); or recipe=tiny_qwen2_5_vl")
+        raise ConfigError("data.task=shapes needs a vision-language model.path (make one with `python "
+                          "tools/make_tiny_model.py qwen2_5_vl outputs/tiny_qwen2_5_vl`); or recipe=tiny_qwen2_5_vl")

@@ -104,12 +104,9 @@ class ImageProcessing:
         return expand_image_placeholders(ids, self.image_token_id, vision.placeholder_tokens(self.merge_size)), vision
 
 
-def load_image_processing(model_dir: str, hf_config: Any) -> ImageProcessing | None:
-    """The image processing of a vision-language model directory; None for a text-only config."""
-    image_token_id = getattr(hf_config, "image_token_id", None)
-    if image_token_id is None:
-        return None
+def load_image_processing(model_dir: str, image_token_id: int, merge_size: int) -> ImageProcessing:
+    """The image processor of a vision-language model directory (``AutoImageProcessor``: the PIL
+    backend where torchvision is missing), with the model's image token and spatial merge size."""
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(model_dir)
-    return ImageProcessing(processor, int(image_token_id), int(hf_config.vision_config.spatial_merge_size))
+    return ImageProcessing(AutoImageProcessor.from_pretrained(model_dir), image_token_id, merge_size)

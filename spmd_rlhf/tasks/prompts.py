@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 from ..config import Config, ConfigError
 from ..data.datasets import PromptExample, build_prompt_examples, load_prompt_dataset
 from ..data.vision import ImageProcessing, load_image_processing
+from ..models.vlm import image_token_id, is_vision_language, spatial_merge_size
 from .arithmetic import AdditionTask
 from .shapes import ShapesTask
 
@@ -29,9 +30,9 @@ def shapes_task(cfg: Config) -> ShapesTask:
 
 def image_processing(cfg: Config, hf_config: PretrainedConfig) -> ImageProcessing | None:
     """The policy's image processing (a vision-language ``model.path``), else None."""
-    if cfg.model.path is None:
+    if cfg.model.path is None or not is_vision_language(hf_config):
         return None
-    return load_image_processing(cfg.model.path, hf_config)
+    return load_image_processing(cfg.model.path, image_token_id(hf_config), spatial_merge_size(hf_config))
 
 
 def load_data(cfg: Config, tokenizer, hf_config: PretrainedConfig) -> tuple[list[PromptExample], list[PromptExample]]:
@@ -45,8 +46,8 @@ def load_data(cfg: Config, tokenizer, hf_config: PretrainedConfig) -> tuple[list
                   max_bad_fraction=d.max_bad_row_fraction, default_data_source=d.default_data_source, images=images)
     if not d.train_files:
         train_rows, val_rows = (shapes_task(cfg) if d.task == "shapes" else arithmetic_task(cfg)).rows()
-        train, _ = build_prompt_examples([(i + 1, r) for i, r in enumerate(train_rows)], key="data.train_files", **common)
-        val, _ = build_prompt_examples([(i + 1, r) for i, r in enumerate(val_rows)], key="data.val_files", **common)
+        train, _ = build_prompt_examples(list(enumerate(train_rows, start=1)), key="data.train_files", **common)
+        val, _ = build_prompt_examples(list(enumerate(val_rows, start=1)), key="data.val_files", **common)
     else:
         train, _ = load_prompt_dataset(d.train_files, key="data.train_files", **common)
         val = load_prompt_dataset(d.val_files, key="data.val_files", **common)[0] if d.val_files else []

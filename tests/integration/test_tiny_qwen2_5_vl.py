@@ -27,7 +27,8 @@ def test_recipe_runs_with_images_and_logs_logprob_diff(tmp_path, placement):
                     str(tmp_path / "outputs" / "tiny_qwen2_5_vl")], env=child_env(), check=True, capture_output=True,
                    timeout=120)
     run_dir = tmp_path / "run"
-    torchrun(["-m", "spmd_rlhf.train", "recipe=tiny_qwen2_5_vl", f"hydra.run.dir={run_dir}", "logging.progress_bar=false",
+    torchrun(["-m", "spmd_rlhf.train", "recipe=tiny_qwen2_5_vl", f"hydra.run.dir={run_dir}",
+              "logging.progress_bar=false",
               "trainer.total_steps=3", "trainer.batch_size=16", "trainer.mini_batch_size=16", "rollout.n=4",
               "data.shapes.num_train=64", "data.shapes.num_val=16", *PLACEMENTS[placement]], nproc=2, timeout=300,
              cwd=tmp_path)

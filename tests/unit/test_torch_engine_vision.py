@@ -38,7 +38,7 @@ def tiny_vl(tmp_path_factory):
     model = AutoModelForImageTextToText.from_pretrained(out, config=config, dtype=torch.float32).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 1.0)
-    return config, model, load_image_processing(out, config)
+    return config, model, load_image_processing(out, config.image_token_id, config.vision_config.spatial_merge_size)
 
 
 def prompts(processing) -> tuple[list[list[int]], list]:
@@ -64,7 +64,8 @@ def hf_greedy(model, ids: list[int], vision, steps: int) -> tuple[list[int], lis
     the processor's ``mm_token_type_ids`` (1 at image tokens)."""
     tokens: list[int] = []
     logprobs: list[float] = []
-    pixels = {} if vision is None else {"pixel_values": vision.pixel_values_PD, "image_grid_thw": vision.image_grid_thw_I3}
+    pixels = {} if vision is None else {"pixel_values": vision.pixel_values_PD,
+                                        "image_grid_thw": vision.image_grid_thw_I3}
     for _ in range(steps):
         ids_1L = torch.tensor([ids + tokens])
         types = {} if vision is None else {"mm_token_type_ids": (ids_1L == PAD_IMAGE).int()}

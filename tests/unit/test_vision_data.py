@@ -33,7 +33,8 @@ def tiny_vl(tmp_path_factory):
     make_tiny.make_tiny_model("qwen2_5_vl", out)
     config = AutoConfig.from_pretrained(out)
     assert config.image_token_id == PAD
-    return out, AutoTokenizer.from_pretrained(out), load_image_processing(out, config)
+    processing = load_image_processing(out, config.image_token_id, config.vision_config.spatial_merge_size)
+    return out, AutoTokenizer.from_pretrained(out), processing
 
 
 def png(size: int, colour=(255, 0, 0)) -> bytes:
@@ -59,7 +60,8 @@ def test_expansion_repeats_each_placeholder_by_its_own_count():
 
 def test_image_forms_read_alike(tmp_path):
     (tmp_path / "a.png").write_bytes(png(28, (0, 0, 255)))
-    forms = [png(28, (0, 0, 255)), {"bytes": png(28, (0, 0, 255)), "path": None}, {"bytes": None, "path": "a.png"}, "a.png"]
+    blue = png(28, (0, 0, 255))
+    forms = [blue, {"bytes": blue, "path": None}, {"bytes": None, "path": "a.png"}, "a.png"]
     for form in forms:
         image = load_image(form, str(tmp_path))
         assert image.size == (28, 28) and image.getpixel((3, 3)) == (0, 0, 255)
@@ -74,7 +76,8 @@ def test_rows_with_images_expand_to_the_patch_count(tiny_vl, tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "b.png").write_bytes(png(84))
     path = tmp_path / "rows.jsonl"
-    rows = [row("<image>=", ["img/b.png"]), row([{"role": "user", "content": "1<image>2<image>"}], ["img/b.png", "img/b.png"])]
+    rows = [row("<image>=", ["img/b.png"]),
+            row([{"role": "user", "content": "1<image>2<image>"}], ["img/b.png", "img/b.png"])]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples, stats = load_prompt_dataset([str(path)], tokenizer, 512, True, 0.0, "data.train_files", images=images)
     assert stats.kept == 2
