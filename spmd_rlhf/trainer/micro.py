@@ -102,7 +102,8 @@ class MicroBatcher:
         """Micro-batches of the host ``batch``; ``hf_config`` (the policy's) where it has images."""
         lengths = batch.attention_mask_BT.sum(dim=1).tolist()  # host tensor: no device sync
         if self.max_tokens <= 0:
-            micros = [Micro(rows, max(2, max(lengths[rows])) - 1) for rows in micro_batches(batch.size, micro_batch_size)]
+            micros = [Micro(rows, max(2, max(lengths[rows])) - 1)
+                      for rows in micro_batches(batch.size, micro_batch_size)]
             if batch.vision is not None:
                 for micro in micros:
                     micro.vision = _vision_inputs(batch, micro, hf_config, device)
@@ -124,8 +125,9 @@ def _vision_inputs(batch: TokenBatch, micro: Micro, hf_config: PretrainedConfig 
     """The device pixel inputs and M-RoPE positions of a padded micro-batch's rows."""
     assert hf_config is not None, "a batch with images needs the policy's config to plan"
     w = micro.width + 1
-    inputs = vision_forward_kwargs(hf_config, batch.input_ids_BT[micro.rows, :w], batch.attention_mask_BT[micro.rows, :w],
-                                   batch.vision_rows(micro.rows))
+    rows = micro.rows
+    inputs = vision_forward_kwargs(hf_config, batch.input_ids_BT[rows, :w], batch.attention_mask_BT[rows, :w],
+                                   batch.vision_rows(rows))
     return {name: t.to(device, non_blocking=True) for name, t in inputs.items()}
 
 
