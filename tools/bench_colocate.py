@@ -271,7 +271,7 @@ def step_times(args, topo, actor, engine, hf_config) -> dict:
     optimizer = torch.optim.AdamW(actor.parameters(), lr=1e-6)
     trainer_actor = Actor(actor, optimizer, build_scheduler(optimizer, 0, 100), topo.dp_size, 1.0, topo.device)
     loader = PromptLoader(examples, args.train_prompts, topo.rank, topo.world_size, 0)
-    scoring = Scoring(cfg, _NullTokenizer(), RewardScorer(cfg.reward.custom_function, 10.0))
+    scoring = Scoring(cfg, _NullTokenizer(), RewardScorer(cfg.reward.custom_function, 10.0, sandbox_custom=False))
     rollouts = LocalRollouts(cfg, topo, engine, WeightSync(engine, actor, topo, 256 * 2**20),
                              Generation(cfg, topo, engine, loader, scoring), [])
     parts = TrainerParts(_NullTokenizer(), trainer_actor, rollouts, loader, None, [], reference=reference)

@@ -97,7 +97,7 @@ def build_trainer(args, topo, hf_config, actor_model, engine, cfg):
     examples = [PromptExample(p, "random", "0", {}, i) for i, p in enumerate(prompts)]
     loader = PromptLoader(examples, args.train_prompts, topo.rank, topo.world_size, 0)
     tokenizer = _NullTokenizer()
-    scoring = Scoring(cfg, tokenizer, RewardScorer(cfg.reward.custom_function, 10.0))
+    scoring = Scoring(cfg, tokenizer, RewardScorer(cfg.reward.custom_function, 10.0, sandbox_custom=False))
     sync = WeightSync(engine, actor_model, topo, bucket_bytes_of(cfg.rollout.bucket_mb))
     rollouts = LocalRollouts(cfg, topo, engine, sync, Generation(cfg, topo, engine, loader, scoring), [])
     parts = TrainerParts(tokenizer, actor, rollouts, loader, None, [], reference=reference)
