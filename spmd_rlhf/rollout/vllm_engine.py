@@ -323,6 +323,8 @@ class VLLMEngine(EngineBase):
             with compat.vllm_allocator(self.device.type):
                 adapter = None if self._adapters is None else self._adapters.request
                 outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=adapter)
+        if self._image_token is not None:
+            vllm_vision.check_expansion(outputs, prompts, n)
         mine = outputs[offset * n:(offset + len(prompt_token_ids)) * n]
         samples = Samples([], [], [])
         for output in mine:

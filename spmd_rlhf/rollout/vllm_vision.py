@@ -45,3 +45,15 @@ def request(tokens_prompt: type, ids: list[int], vision: VisionInputs | None, im
         return tokens_prompt(prompt_token_ids=ids)
     return tokens_prompt(prompt_token_ids=collapse_image_placeholders(ids, image_token_id),
                          multi_modal_data={"image": list(vision.images)})
+
+
+def check_expansion(outputs: list, prompts: list[list[int]], n: int) -> None:
+    """Raise when vLLM's prompt (its processor's expansion of the placeholders) is not ours: the actor
+    would then score the responses after other tokens than vLLM generated them from (the two image
+    processors disagree on an image's grid)."""
+    for row, output in enumerate(outputs):
+        theirs, ours = list(output.prompt_token_ids), prompts[row // n]
+        if theirs != ours:
+            raise RuntimeError(
+                f"vLLM expanded prompt {row // n}'s images to {len(theirs)} tokens, the data loader to {len(ours)}: "
+                "vLLM's image processor and the model directory's disagree (min_pixels/max_pixels?)")

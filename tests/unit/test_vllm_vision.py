@@ -41,6 +41,17 @@ def test_requests_carry_collapsed_ids_and_images():
     assert vllm_vision.banned_bias([17, 18]) == {17: -100.0, 18: -100.0} and vllm_vision.banned_bias([]) is None
 
 
+def test_expansion_mismatch_is_loud():
+    class Output:  # vllm.RequestOutput's prompt_token_ids: the prompt vLLM ran, placeholders expanded
+        def __init__(self, ids):
+            self.prompt_token_ids = ids
+
+    ours = [[15, PAD, PAD, 16, 3], [4]]
+    vllm_vision.check_expansion([Output(ours[0]), Output(ours[0]), Output(ours[1]), Output(ours[1])], ours, 2)
+    with pytest.raises(RuntimeError, match="prompt 0's images to 4 tokens, the data loader to 5"):
+        vllm_vision.check_expansion([Output([15, PAD, 16, 3]), Output(ours[0])], ours[:1], 2)
+
+
 def test_checks_refuse_what_vllm_cannot_do(monkeypatch):
     cfg = Config()
     cfg.rollout.engine, cfg.model.path = "vllm", "some/vl"
