@@ -213,3 +213,22 @@ def test_frozen_and_trainable_parameters_never_share_an_fsdp_group(world_of_one)
             assert len(flags) == 1, type(module).__name__
             kinds.append(flags.pop())
     assert kinds.count(False) == 3 and kinds.count(True) == 3  # 2 vision blocks + the tower; 2 layers + the root
+
+
+def test_a_vision_language_directory_loads_as_the_policy(tmp_path):
+    """model.path of tools/make_tiny_model.py qwen2_5_vl: the VL class with its weights; sizes and
+    EOS read from the text config."""
+    from spmd_rlhf.models.load import build_causal_lm, eos_token_ids, load_tokenizer, max_positions, model_config
+    from tests.distributed.workers.tiny_vl import make_tiny
+
+    cfg = Config()
+    cfg.model.path = make_tiny.make_tiny_model("qwen2_5_vl", str(tmp_path / "vl"), seed=1)
+    tokenizer = load_tokenizer(cfg)
+    hf_config = model_config(cfg, tokenizer)
+    model = build_causal_lm(cfg, hf_config, seed=0)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert max_positions(hf_config) == 256 and eos_token_ids(tokenizer, hf_config) == [tokenizer.eos_token_id]
+    torch.manual_seed(1)
+    fresh = model_class(hf_config).from_config(hf_config, dtype=torch.float32)
+    for (name, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
