@@ -92,8 +92,9 @@ def test_model_class_and_layers_of_a_vision_language_policy():
     assert decoder_layers(model) == list(model.model.language_model.layers)
 
 
-def test_actor_logprobs_with_images_equal_plain_hf_forwards(world_of_one):
-    model, tokenizer = tiny_vl()
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_actor_logprobs_with_images_equal_plain_hf_forwards(world_of_one, family):
+    model, tokenizer = tiny_vl(family=family)
     batch, prompts, responses = vl_batch(tokenizer)
     expected_BT = hf_batch_logprobs(model, batch, prompts, responses)
     actor = actor_of(world_of_one, model)

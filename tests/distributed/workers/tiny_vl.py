@@ -9,7 +9,7 @@ import inspect
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
 from spmd_rlhf.data.batch import TokenBatch, collate
 from spmd_rlhf.data.vision import VisionInputs
@@ -23,12 +23,24 @@ SIZES = [(56, 56), (84, 56), (112, 112), None, (56, 112), (112, 84)]  # (width, 
 MERGE = 2
 
 
-def tiny_vl(seed: int = 0) -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer); weights N(0, 0.1) so that images and positions move the logits clearly."""
+def qwen2_vl_config(tokenizer) -> Qwen2VLConfig:
+    """Qwen2-VL (the generation before 2.5: LayerNorm vision blocks, no window attention) at the
+    tiny Qwen2.5-VL's sizes and tokens."""
+    ref = make_tiny.tiny_config("qwen2_5_vl", tokenizer)
+    vision = dict(depth=2, embed_dim=64, hidden_size=64, mlp_ratio=2, num_heads=2, in_channels=3, patch_size=14,
+                  spatial_merge_size=MERGE, temporal_patch_size=2)
+    tokens = {k: getattr(ref, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                           "vision_end_token_id")}
+    return Qwen2VLConfig(text_config=ref.text_config.to_dict(), vision_config=vision, tie_word_embeddings=True, **tokens)
+
+
+def tiny_vl(seed: int = 0, family: str = "qwen2_5_vl") -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) of ``family`` (qwen2_5_vl or qwen2_vl); weights N(0, 0.1) so that images
+    and positions move the logits clearly."""
     tokenizer = make_tiny.tiny_tokenizer("qwen2_5_vl")
+    config = qwen2_vl_config(tokenizer) if family == "qwen2_vl" else make_tiny.tiny_config(family, tokenizer)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(make_tiny.tiny_config("qwen2_5_vl", tokenizer),
-                                                    dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
