@@ -62,7 +62,7 @@ def test_vllm_gets_the_one_token_stops_as_stop_ids():
 
     from spmd_rlhf.rollout.vllm_engine import VLLMEngine
 
-    engine = SimpleNamespace(_SamplingParams=dict, eos_ids=[2])  # the parameters as keyword arguments
+    engine = SimpleNamespace(_SamplingParams=dict, eos_ids=[2], _banned=[])  # the parameters as keyword arguments
     sampling = SamplingConfig(max_new_tokens=4, stop_sequences=((16,), (7, 8)))
     assert VLLMEngine._params(engine, sampling, seed=1)["stop_token_ids"] == [2, 16]
     ignoring = SamplingConfig(max_new_tokens=4, ignore_eos=True, stop_sequences=((16,),))

@@ -66,3 +66,16 @@ def test_checks_refuse_what_vllm_cannot_do(monkeypatch):
         vllm_checks.check_vision(cfg)
     cfg.rollout.weight_sync = "full"
     vllm_checks.check_vision(cfg)
+
+
+def test_vision_language_requests_bias_the_placeholders_away():
+    from types import SimpleNamespace
+
+    from spmd_rlhf.rollout.base import SamplingConfig
+    from spmd_rlhf.rollout.vllm_engine import VLLMEngine
+
+    sampling = SamplingConfig(max_new_tokens=2)
+    vl = SimpleNamespace(_SamplingParams=dict, eos_ids=[1], _banned=[PAD, 18])  # the parameters as keyword arguments
+    assert VLLMEngine._params(vl, sampling, seed=1)["logit_bias"] == {PAD: -100.0, 18: -100.0}
+    text = SimpleNamespace(_SamplingParams=dict, eos_ids=[1], _banned=[])
+    assert VLLMEngine._params(text, sampling, seed=1)["logit_bias"] is None
