@@ -93,3 +93,19 @@ def test_vision_language_directory_loads_offline_and_reads_an_image(tmp_path, mo
                       image_grid_thw=pixels["image_grid_thw"]).logits
     assert logits.shape == (1, ids.shape[1], 19) and torch.isfinite(logits).all()
     assert (logits[0, -1] - other[0, -1]).abs().max() > 1e-4  # the image reaches the text's logits
+
+
+def test_qwen2_5_vl_3b_shape_has_the_published_dimensions():
+    """``--shape 3b``: Qwen2.5-VL-3B-Instruct's text and vision dimensions (its config.json), the
+    task's vocabulary and token ids kept; checked on the config alone (no 7 GB of weights)."""
+    tokenizer = make_tiny.tiny_tokenizer("qwen2_5_vl")
+    config = make_tiny.tiny_config("qwen2_5_vl", tokenizer, "3b")
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (2048, 11008, 36)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.vocab_size) == (16, 2, 19)
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert (vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads) == (32, 1280, 3420, 16)
+    assert vision.out_hidden_size == 2048 and vision.fullatt_block_indexes == [7, 15, 23, 31]
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    with pytest.raises(SystemExit, match="qwen2_5_vl only"):
+        make_tiny.make_tiny_model("qwen2", "/nonexistent", shape="3b")
