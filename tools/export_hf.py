@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from spmd_rlhf.models.vlm import model_class
 from spmd_rlhf.trainer.checkpoint import load_model_weights
 from spmd_rlhf.trainer.checkpoint_files import HF_DIR, LATEST, CheckpointError, is_complete, newest_checkpoint
 
@@ -78,13 +79,13 @@ def base_weights(weights: dict[str, torch.Tensor], lora: dict, base: str | None,
             for name, tensor in weights.items() if ".lora_" not in name}
     if any(name.endswith(".weight") for name in held):
         return held
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     base = base or lora.get("base_model_name_or_path")
     if not base or not os.path.isdir(base):
         raise CheckpointError(f"{step_folder} holds only LoRA adapters and their base {base!r} is not a directory; "
                               "pass --base <the model.path the run trained from>")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = model_class(AutoConfig.from_pretrained(base)).from_pretrained(base, dtype=torch.float32)
     return {**{name: tensor.detach() for name, tensor in model.state_dict().items()}, **held}
 
 
@@ -131,7 +132,7 @@ def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.
     (its newest step), in ``dtype`` (default: the model's own). A LoRA actor is written as PEFT's
     adapter directory, or with ``merged`` as the HF model with the adapters merged in (the base read
     from ``base`` or its recorded directory where the checkpoint holds only the adapters)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     step_folder = find_step_folder(checkpoint)
     hf_dir = os.path.join(step_folder, HF_DIR)
@@ -151,7 +152,7 @@ def export_hf(checkpoint: str, out: str, component: str = "actor", dtype: torch.
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     config.use_cache = True  # training turns the KV cache off; generation wants it
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class(config).from_config(config, dtype=dtype)
     tied = getattr(model, "_tied_weights_keys", None) if getattr(config, "tie_word_embeddings", False) else None
     tied = tied if isinstance(tied, dict) else {}  # transformers 4 lists names without their source
     _tie_check(weights, tied, step_folder)

@@ -154,8 +154,9 @@ class CheckpointManager:
     # --- save -----------------------------------------------------------------------------------
 
     def save(self, step: int, state: Mapping[str, Any], hf_config=None, tokenizer=None,
-             extra: dict | None = None) -> str:
-        """Write ``state`` as ``step_XXXXXXXX``, point ``latest`` at it, prune; return its path."""
+             extra: dict | None = None, model_dir: str | None = None) -> str:
+        """Write ``state`` as ``step_XXXXXXXX``, point ``latest`` at it, prune; return its path.
+        ``model_dir`` (the run's ``model.path``) lends its image processor files to ``hf/``."""
         if step < 0:
             raise ValueError(f"checkpoint step={step} must be >= 0")
         extra = dict(extra or {})
@@ -166,7 +167,7 @@ class CheckpointManager:
         shared, per_rank = split_components(state)
         final = os.path.join(self.checkpoint_dir, step_folder_name(step))
         tmp = final + ".tmp-" + self._broadcast_from_0(uuid.uuid4().hex[:8])
-        files, problem = self._write_local(tmp, per_rank, hf_config, tokenizer)
+        files, problem = self._write_local(tmp, per_rank, hf_config, tokenizer, model_dir)
         self._agree(problem)  # before DCP's collective, so a failed rank does not leave the others waiting
         try:
             with _single_process_is_intended():
@@ -197,8 +198,8 @@ class CheckpointManager:
             raise CheckpointError(problem)
         return final
 
-    def _write_local(self, tmp: str, per_rank: dict[str, Stateful], hf_config,
-                     tokenizer) -> tuple[dict[str, dict[str, int]], str | None]:
+    def _write_local(self, tmp: str, per_rank: dict[str, Stateful], hf_config, tokenizer,
+                     model_dir: str | None = None) -> tuple[dict[str, dict[str, int]], str | None]:
         """This rank's files (per-rank components; ``hf/`` on rank 0): their descriptions, or a problem."""
         files: dict[str, dict[str, int]] = {}
         try:
@@ -206,7 +207,7 @@ class CheckpointManager:
             for name, component in per_rank.items():
                 files[rank_file(name, self.rank)] = save_per_rank(tmp, name, component, self.rank)
             if self.rank == 0:
-                write_hf(os.path.join(tmp, HF_DIR), hf_config, tokenizer)
+                write_hf(os.path.join(tmp, HF_DIR), hf_config, tokenizer, model_dir)
         except Exception as err:  # reported on every rank by the caller instead of raised here alone
             return files, f"rank {self.rank} could not write into {tmp} ({type(err).__name__}: {err})"
         return files, None

@@ -101,13 +101,22 @@ def dcp_files(path: str, metadata: Metadata | None) -> list[str]:
     return sorted(name for name in os.listdir(path) if name == DCP_METADATA or name.endswith(".distcp"))
 
 
-def write_hf(hf_dir: str, hf_config, tokenizer) -> None:
-    """config.json and the tokenizer's files, so the step folder exports to a HF directory alone."""
+# what a vision-language model directory holds beside config.json and the tokenizer
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def write_hf(hf_dir: str, hf_config, tokenizer, source_dir: str | None = None) -> None:
+    """config.json, the tokenizer's files and the image processor's (copied from ``source_dir``, the
+    model directory the run read, where it has them), so the step folder exports to a HF directory
+    alone."""
     os.makedirs(hf_dir, exist_ok=True)
     if hf_config is not None:
         hf_config.save_pretrained(hf_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(hf_dir)
+    for name in PROCESSOR_FILES if source_dir else ():
+        if os.path.isfile(os.path.join(source_dir, name)):
+            shutil.copy2(os.path.join(source_dir, name), os.path.join(hf_dir, name))
 
 
 def publish(checkpoint_dir: str, tmp: str, final: str, manifest: dict) -> None:

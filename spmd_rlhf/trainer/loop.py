@@ -118,7 +118,7 @@ class Trainer:
     def save(self, checkpoints: CheckpointManager) -> str:
         self.rollouts.drain()
         path = checkpoints.save(self.step, self.checkpoint_state(), hf_config=self.actor.model.config,
-                                tokenizer=self.parts.tokenizer)
+                                tokenizer=self.parts.tokenizer, model_dir=self.cfg.model.path)
         self.state.saved_step = self.step
         self.logger.write(f"step {self.step}: checkpoint {path}")
         return path

@@ -142,3 +142,32 @@ def test_a_latest_file_naming_a_missing_step(checkpoint, tmp_path):
     (ckpt / "latest").write_text("step_00000099")
     with pytest.raises(CheckpointError, match="step_00000099, which is not a complete step folder"):
         load_tool().export_hf(str(ckpt / "latest"), str(tmp_path / "out"))
+
+
+def test_a_vision_language_checkpoint_exports_with_its_image_processor(tmp_path):
+    """A Qwen2.5-VL actor (saved with ``model_dir``: its image processor rides along in ``hf/``)
+    exports as the VL class; the export reads an image through its placeholders to the same logits."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO_ROOT / "tools" / "make_tiny_model.py")
+    make_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tiny)
+    source = make_tiny.make_tiny_model("qwen2_5_vl", str(tmp_path / "vl"), seed=2)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # tied: moves the embeddings too, away from the saved directory
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    path = CheckpointManager(tmp_path / "ckpt", keep_last=1).save(
+        2, {"actor": ModelOptimizerState(model, torch.optim.AdamW(model.parameters()))}, hf_config=model.config,
+        tokenizer=tokenizer, model_dir=source)
+    load_tool().export_hf(path, str(tmp_path / "hf"))
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(exported).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    pixels = AutoImageProcessor.from_pretrained(tmp_path / "hf")(images=[Image.new("RGB", (56, 56), (9, 200, 40))],
+                                                                   return_tensors="pt")
+    ids = tokenizer("<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>1+2=", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(input_ids=ids, **pixels).logits
+        got = exported(input_ids=ids, **pixels).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
