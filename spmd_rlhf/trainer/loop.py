@@ -34,7 +34,7 @@ from .experience import CriticTargets, Experience, filter_and_replay
 from .faults import NonFiniteGuard, oom_hint
 from .flops import flops_model, mfu, peak_flops
 from .kl_control import KLControl
-from .metrics import MetricsLogger, rollout_metrics
+from .metrics import MetricsLogger, memory_metrics, rollout_metrics
 from .preemption import PreemptionHandler
 from .replay import GroupReplayBuffer
 from .state import Counters, PerRank, TrainState
@@ -140,7 +140,7 @@ class Trainer:
         guard = {"kl_guard/skipped_steps": float(self.kl_control.guard_skips),
                  "kl_guard/lr_scale": self.kl_control.lr_scale} if self.kl_control.max_kl > 0 else {}
         return {**self.rollout_metrics(rollout, timer.timings), **rollout_side, **rollout.metrics, **filter_metrics,
-                **target_metrics, **update_metrics, **guard, **timer.timings}
+                **target_metrics, **update_metrics, **guard, **timer.timings, **memory_metrics(self.topo.device)}
 
     def train_actor(self, target_metrics: dict[str, float]) -> bool:
         """False while the critic warms up, or when the KL guard skips this update."""

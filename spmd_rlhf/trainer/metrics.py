@@ -31,6 +31,18 @@ def _reduce_one(key: str, values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """CUDA memory of this step (none on CPU): the PyTorch allocator's peak since the last call
+    (the trainer's tensors; vLLM's weights and KV cache live in its own pool) and the device's
+    memory in use now, whoever holds it (the sleeping engine included). Both reduce by max."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"memory/torch_peak_gib/max": peak, "memory/device_used_gib/max": (total - free) / 2**30}
+
+
 def reduce_metrics(metrics: dict[str, float], group: dist.ProcessGroup | None = None) -> dict[str, float]:
     """Combine the metrics of every rank of ``group`` (the world by default; same keys on every rank)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:

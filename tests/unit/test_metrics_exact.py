@@ -86,3 +86,19 @@ def test_the_engine_mismatch_is_weighted_by_tokens_across_ranks(results) -> None
 def test_without_a_process_group_a_mean_is_this_ranks_own() -> None:
     assert not dist.is_initialized()
     assert global_means({"a": (3.0, 4.0), "b": (0.0, 0.0)}) == {"a": 0.75, "b": 0.0}
+
+
+def test_memory_metrics_read_the_allocator_peak_and_the_device_then_reset(monkeypatch):
+    """CUDA: the allocator's peak and the device's used memory in GiB, the peak reset for the next
+    step; CPU: nothing. (The CUDA calls are the boundary: stood in for by their documented returns.)"""
+    from spmd_rlhf.trainer.metrics import memory_metrics
+
+    assert memory_metrics(torch.device("cpu")) == {}
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda", 0)
+    assert memory_metrics(cuda) == {"memory/torch_peak_gib/max": 3.0, "memory/device_used_gib/max": 20.0}
+    assert resets == [cuda]
+    assert all(key.endswith("/max") for key in memory_metrics(cuda))  # reduced by max across ranks
