@@ -132,7 +132,7 @@ class RewardSandboxConfig:
     workers: int | None = None  # processes per pool; null = min(4, CPUs)
     timeout_s: float = 10.0  # wall clock of one program; its process group is killed after it
     cpu_s: float | None = None  # CPU seconds of one program; null = timeout_s
-    memory_mb: int = 1024  # address space of each process
+    memory_mb: int = 1024  # address space of each program; a custom function's call: beyond its loaded worker's
     max_output_bytes: int = 1048576  # per stream; more kills the program
     max_processes: int = 32  # tasks of the sandbox user (only enforced when run as root)
     max_file_mb: int = 64  # largest file a program may write

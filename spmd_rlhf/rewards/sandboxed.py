@@ -12,6 +12,7 @@ from typing import Any
 from ..sandbox import Call, Outcome, Program, SandboxLimits, SandboxPool, Status
 
 CUSTOM_TARGET = "spmd_rlhf.rewards.sandboxed:call_custom"
+LOAD_TARGET = "spmd_rlhf.rewards.sandboxed:load_custom"
 _custom_functions: dict[str, Callable[..., Any]] = {}
 
 CODE_SCORES = ("fraction", "all_pass")
@@ -60,6 +61,12 @@ def _preload(jobs: list[Program | Call]) -> tuple[str, ...]:
     return tuple(sorted({job.target.partition(":")[0] for job in calls} | {m for job in calls for m in job.preload}))
 
 
+def _init(jobs: list[Program | Call]) -> list[tuple[str, dict]]:
+    """The user reward files a Call pool's workers load before their memory limit."""
+    paths = sorted({job.kwargs["path"] for job in jobs if isinstance(job, Call) and job.target == CUSTOM_TARGET})
+    return [(LOAD_TARGET, {"path": path}) for path in paths]
+
+
 def _plain(value: Any) -> Any:
     """A reward result as JSON carries it: numbers (numpy scalars too) as floats, dicts of them."""
     if isinstance(value, dict):
@@ -75,12 +82,18 @@ def _jsonable(value: Any) -> Any:
     return tolist() if callable(tolist) else str(value)
 
 
-def call_custom(path: str, kwargs: dict[str, Any]) -> Any:
-    """Inside a sandbox worker: the user's reward function at ``path`` called with ``kwargs``."""
+def load_custom(path: str) -> None:
+    """Inside a sandbox worker, before its memory limit: load the user's reward function at ``path``
+    (its module's imports happen here, not within a call's address-space allowance)."""
     from .registry import load_function
 
     if path not in _custom_functions:
         _custom_functions[path] = load_function(path)
+
+
+def call_custom(path: str, kwargs: dict[str, Any]) -> Any:
+    """Inside a sandbox worker: the user's reward function at ``path`` called with ``kwargs``."""
+    load_custom(path)
     return _plain(_custom_functions[path](**kwargs))
 
 
@@ -125,7 +138,8 @@ class SandboxRunner:
     def _pool(self, kind: type, jobs: list[Program | Call]) -> SandboxPool:
         if kind not in self._pools:
             memory = self.limits.memory_mb if kind is Call else None  # a Call runs in the worker itself
-            self._pools[kind] = SandboxPool(self.workers, self.limits, preload=_preload(jobs), call_memory_mb=memory)
+            self._pools[kind] = SandboxPool(self.workers, self.limits, preload=_preload(jobs), call_memory_mb=memory,
+                                            init=_init(jobs))
         return self._pools[kind]
 
     def run(self, jobs: list[Program | Call]) -> list[Outcome]:

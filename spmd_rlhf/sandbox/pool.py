@@ -95,6 +95,9 @@ def _shutdown(workers: list[_Worker], base: str, owner_pid: int, release: bool =
         shutil.rmtree(base, ignore_errors=True)
 
 
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 class SandboxPool:
     """Runs untrusted Programs and fallible Calls in ``workers`` reusable processes.
 
@@ -106,12 +109,14 @@ class SandboxPool:
     """
 
     def __init__(self, workers: int = 4, limits: SandboxLimits | None = None, *, preload: Sequence[str] = (),
-                 network: bool = False, call_memory_mb: int | None = None, uid_base: int = 65533) -> None:
+                 network: bool = False, call_memory_mb: int | None = None, uid_base: int = 65533,
+                 init: Sequence[tuple[str, dict]] = ()) -> None:
         if workers < 1:
             raise ValueError(f"sandbox workers={workers} must be >= 1")
         self.limits = limits or SandboxLimits()
         self.limits.validate()
-        self._settings = {"network": network, "preload": list(preload), "call_memory_mb": call_memory_mb}
+        self._settings = {"network": network, "preload": list(preload), "call_memory_mb": call_memory_mb,
+                          "init": [[target, dict(kwargs)] for target, kwargs in init]}
         self._uid_base = uid_base if os.geteuid() == 0 else None
         self._base = tempfile.mkdtemp(prefix="spmd_sandbox_")
         os.chmod(self._base, 0o711)
@@ -138,7 +143,9 @@ class SandboxPool:
         uid = None if self._uid_base is None else self._uid_base - index
         settings = json.dumps({**self._settings, "uid": uid})
         path = [p or os.getcwd() for p in sys.path]  # "" (the caller's directory) too: workers run elsewhere
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        # one BLAS/OpenMP thread per worker, as for programs: per-core buffers of a 100-core node would
+        # take gigabytes of address space in every worker
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), **_ONE_THREAD}
         log_path = os.path.join(self._base, f"w{index}.log")
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(

@@ -1,8 +1,10 @@
 """A sandbox worker process: started by SandboxPool, serves Program and Call requests one at a time.
 
 Run as ``python -m spmd_rlhf.sandbox.worker <request fd> <result fd> <settings json>``. It leaves the
-network (when allowed), becomes the reaper of its orphaned descendants, imports the preload modules,
-says hello, then answers requests until its request pipe closes or its parent dies: for each one an
+network (when allowed), becomes the reaper of its orphaned descendants, imports the preload modules
+and runs the init calls (e.g. loading the user's reward file), then limits the address space of what
+calls add (``call_memory_mb`` beyond what it holds then: a module that maps gigabytes at import, as a
+CUDA build of torch does, still loads), says hello, then answers requests until its request pipe closes or its parent dies: for each one an
 ``accepted`` note as soon as it is read (the pool retries a job lost before it), then the result.
 """
 
@@ -52,6 +54,12 @@ def run_call(request: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def address_space_bytes() -> int:
+    """This process's virtual address space now (``VmSize``), what RLIMIT_AS counts."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _watch_parent(parent: int) -> None:
     """End this worker (and its descendants) once the pool's process is gone."""
     while os.getppid() == parent:
@@ -68,9 +76,12 @@ def main(argv: list[str]) -> int:
     try:
         for module in settings["preload"]:
             importlib.import_module(module)
+        for target, kwargs in settings.get("init", []):
+            _resolve(target)(**kwargs)
         if settings["call_memory_mb"]:
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
-            resource.setrlimit(resource.RLIMIT_AS, (settings["call_memory_mb"] << 20, hard))
+            limit = address_space_bytes() + (settings["call_memory_mb"] << 20)
+            resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     except BaseException:
         send(result_fd, {"hello": False, "stderr": traceback.format_exc()[-4000:]})
         return 1

@@ -133,3 +133,29 @@ def test_relative_file_and_module_in_the_working_directory(tmp_path: Path, monke
             assert scores == [1.0, 0.0] and metrics["reward/errors"] == 0.0, path
         finally:
             scorer.close()
+
+
+def test_a_reward_file_whose_imports_map_more_than_the_memory_limit(tmp_path: Path) -> None:
+    """A module that maps more address space at import than ``memory_mb`` (as a CUDA build of torch
+    does) loads before the limit; a call may then add up to ``memory_mb``, and one that adds more
+    scores 0 with a MemoryError, the worker replaced."""
+    from spmd_rlhf.sandbox import SandboxLimits
+
+    path = tmp_path / "big_import.py"
+    path.write_text(
+        "import mmap, os\n"
+        "MAPPED = mmap.mmap(-1, 600 << 20)  # 600 MB of address space, untouched (no resident memory)\n"
+        "def small(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    x = bytearray(64 << 20)\n"
+        "    return float(len(x) == 64 << 20 and os.environ['OPENBLAS_NUM_THREADS'] == '1')\n"
+        "def hog(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    x = bytearray(700 << 20)\n"
+        "    return 1.0\n")
+    limits = SandboxLimits(memory_mb=512)
+    for name, want, errors in (("small", 1.0, 0.0), ("hog", 0.0, 1.0)):
+        scorer = RewardScorer(f"{path}:{name}", 30.0, sandbox_workers=1, sandbox_custom=True, sandbox_limits=limits)
+        try:
+            scores, metrics = scorer.score(["s"], ["a"], ["a"], [None])
+            assert scores == [want] and metrics["reward/errors"] == errors, (name, scores, metrics)
+        finally:
+            scorer.close()
