@@ -63,7 +63,8 @@ def model_config(shape: str):
         return qwen2_config(shape)
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**MOE_SHAPES[shape], architectures=["Qwen3MoeForCausalLM"], norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    return Qwen3MoeConfig(**MOE_SHAPES[shape], architectures=["Qwen3MoeForCausalLM"], norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[],
                           router_aux_loss_coef=0.001, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0,
                           eos_token_id=1, pad_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 

@@ -4,8 +4,9 @@ Run as ``python -m spmd_rlhf.sandbox.worker <request fd> <result fd> <settings j
 network (when allowed), becomes the reaper of its orphaned descendants, imports the preload modules
 and runs the init calls (e.g. loading the user's reward file), then limits the address space of what
 calls add (``call_memory_mb`` beyond what it holds then: a module that maps gigabytes at import, as a
-CUDA build of torch does, still loads), says hello, then answers requests until its request pipe closes or its parent dies: for each one an
-``accepted`` note as soon as it is read (the pool retries a job lost before it), then the result.
+CUDA build of torch does, still loads), says hello, then answers requests until its request pipe
+closes or its parent dies: for each one an ``accepted`` note as soon as it is read (the pool retries
+a job lost before it), then the result.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def main(argv: list[str]) -> int:
         if settings["call_memory_mb"]:
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
             limit = address_space_bytes() + (settings["call_memory_mb"] << 20)
-            resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+            soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     except BaseException:
         send(result_fd, {"hello": False, "stderr": traceback.format_exc()[-4000:]})
         return 1
