@@ -11,7 +11,8 @@ A row looks like::
 A row with ``images`` goes through the chat template: each ``<image>`` in its message text becomes an
 image content part (messages already given as content parts pass as they are), and each image's one
 placeholder token is expanded to its patch count (``data/vision.py``). Paths are relative to the data
-file's directory.
+file's directory. The images stay at rest (``ImageSources``: encoded bytes or paths, and grids from
+their headers) until a step draws the prompt: ``with_pixels`` then decodes and processes them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .vision import IMAGE_MARK, ImageProcessing, VisionInputs, load_image
+from .vision import IMAGE_MARK, ImageProcessing, ImageSources, VisionInputs
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,30 @@ class PromptExample:
     ground_truth: str
     extra_info: dict = field(default_factory=dict)
     index: int = 0
-    vision: VisionInputs | None = None  # the prompt's images (its ids hold their expanded placeholders)
+    # the prompt's images (its ids hold their expanded placeholders): at rest in a dataset, processed
+    # (``with_pixels``) for the step that draws the prompt
+    vision: ImageSources | VisionInputs | None = None
+
+
+def with_pixels(examples: list[PromptExample]) -> list[PromptExample]:
+    """``examples`` with their images decoded and processed, each distinct prompt once (copies; a
+    repeated prompt stays one object): the step's prompts, which engines and training batches read.
+    Prompts without images, or already processed, pass as they are."""
+    done: dict[int, PromptExample] = {}
+    for e in examples:
+        if id(e) not in done:
+            done[id(e)] = replace(e, vision=e.vision.load()) if isinstance(e.vision, ImageSources) else e
+    return [done[id(e)] for e in examples]
+
+
+def at_rest(examples: list[PromptExample]) -> list[PromptExample]:
+    """``examples`` with processed images back at rest (what a prompt kept beyond its step holds)."""
+    done: dict[int, PromptExample] = {}
+    for e in examples:
+        if id(e) not in done:
+            keep = not isinstance(e.vision, VisionInputs) or e.vision.sources is None
+            done[id(e)] = e if keep else replace(e, vision=e.vision.sources)
+    return [done[id(e)] for e in examples]
 
 
 @dataclass
@@ -199,15 +223,15 @@ def image_messages(prompt: str | list) -> list[dict]:
 
 
 def _encode(prompt: Any, items: list, tokenizer: Any, apply_chat_template: bool, images: ImageProcessing | None,
-            base_dir: str | None) -> tuple[list[int], VisionInputs | None] | str:
-    """A row's prompt ids (placeholders expanded) and vision inputs, or why the row is malformed."""
+            base_dir: str | None) -> tuple[list[int], ImageSources | None] | str:
+    """A row's prompt ids (placeholders expanded) and images at rest, or why the row is malformed."""
     if not items:
         return tokenize_prompt(prompt, tokenizer, apply_chat_template), None
     if images is None:
         return "the row has images, but the model is text-only (model.path has no vision config)"
     ids = tokenize_prompt(image_messages(prompt), tokenizer, True)
     try:
-        return images.prompt(ids, [load_image(item, base_dir) for item in items])
+        return images.prompt_at_rest(ids, items, base_dir)
     except ValueError as err:
         return str(err)
 
@@ -262,7 +286,8 @@ def build_prompt_examples(
 ) -> tuple[list[PromptExample], DatasetStats]:
     """Tokenise valid rows, dropping (and counting) malformed ones and prompts longer than
     ``max_prompt_length`` tokens. ``key``/``source`` name the config key and file in errors;
-    ``images`` processes the rows' images (a vision-language model), relative to ``source``'s directory."""
+    ``images`` reads the rows' images (a vision-language model; kept at rest), relative to ``source``'s
+    directory."""
     _check_args(max_prompt_length, max_bad_fraction)
     _check_not_raw_gsm8k(rows, key, source)
     stats = DatasetStats(rows=len(rows))

@@ -119,6 +119,7 @@ def vision_forward_kwargs(hf_config: PretrainedConfig, input_ids_BT: torch.Tenso
     rows = [(i, v) for i, v in enumerate(visions) if v is not None and v.num_images > 0]
     if not rows:
         return {}
+    assert all(isinstance(v, VisionInputs) for _, v in rows), "images at rest: the step's prompts need with_pixels"
     merge, token = spatial_merge_size(hf_config), image_token_id(hf_config)
     positions_3BT = torch.zeros((3, *input_ids_BT.shape), dtype=torch.long)
     lengths = attention_mask_BT.sum(dim=1).tolist()

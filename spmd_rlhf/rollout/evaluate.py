@@ -16,7 +16,7 @@ import time
 import torch.distributed as dist
 
 from ..config import Config
-from ..data.datasets import PromptExample
+from ..data.datasets import PromptExample, with_pixels
 from ..distributed.topology import Topology
 from ..rewards.registry import RewardScorer
 from .base import RolloutEngine, SamplingConfig
@@ -35,8 +35,8 @@ def turns_of(mask: list[int] | None) -> int:
 def eval_tallies(cfg: Config, engine: RolloutEngine, tokenizer, scorer: RewardScorer, mine: list[PromptExample],
                  sampling: SamplingConfig) -> Tallies:
     """Generate for ``mine`` (one sample each, seeded per prompt; through the tools with
-    ``rollout.multi_turn.enable``) and score: this rank's tallies."""
-    samples, _ = rollout_samples(cfg, engine, tokenizer, mine, sampling)
+    ``rollout.multi_turn.enable``) and score: this rank's tallies (the images decoded for it)."""
+    samples, _ = rollout_samples(cfg, engine, tokenizer, with_pixels(mine), sampling)
     masks = samples.loss_masks or [None] * len(samples)
     texts = tokenizer.batch_decode(samples.token_ids, skip_special_tokens=True)
     scores, _ = scorer.score([e.data_source for e in mine], texts, [e.ground_truth for e in mine],

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..algorithms.shaping import keep_groups
 from ..config import Config
-from ..data.datasets import PromptExample
+from ..data.datasets import PromptExample, with_pixels
 from ..data.loader import PromptLoader
 from ..distributed.comm import all_reduce_floats
 from ..distributed.topology import Topology
@@ -66,7 +66,9 @@ class Generation:
         return sampling_config(self.cfg, step_seed(self.cfg, step, round_), greedy)
 
     def generate(self, prompts: list[PromptExample], step: int, round_: int = 0) -> Rollout:
-        """One round: samples of ``prompts``, scored."""
+        """One round: samples of ``prompts``, scored. Their images are processed here, once: the
+        engine and the rollout's training batch read the same pixels, which go with the rollout."""
+        prompts = with_pixels(prompts)
         sampling = self.sampling(step, round_)
         samples, turn_metrics = rollout_samples(self.cfg, self.engine, self.score.tokenizer, prompts, sampling)
         rollout = Rollout([p for p in prompts for _ in range(sampling.n)], samples, sampling.n)

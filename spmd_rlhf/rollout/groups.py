@@ -53,6 +53,11 @@ class Rollout:
     def rewards_GN(self) -> torch.Tensor:
         return self.rewards.view(self.num_groups, self.n)
 
+    def with_examples(self, examples: list[PromptExample]) -> Rollout:
+        """The same samples with other prompt objects of the same prompts (e.g. their images at rest)."""
+        assert [e.index for e in examples] == [e.index for e in self.examples]
+        return Rollout(examples, self.samples, self.n, self.rewards, self.greedy_rewards, dict(self.metrics))
+
     def groups(self, indices: list[int]) -> Rollout:
         """A rollout of the given groups, in the given order."""
         rows = [g * self.n + j for g in indices for j in range(self.n)]

@@ -17,7 +17,7 @@ import time
 import torch.distributed as dist
 
 from ..config import Config
-from ..data.datasets import PromptExample
+from ..data.datasets import PromptExample, with_pixels
 from ..data.loader import PromptLoader
 from ..distributed.comm import recv_object, send_object
 from ..distributed.topology import Topology
@@ -108,7 +108,8 @@ class RemoteRollouts:
         batch = self.pending.pop(0) if self.pending else self._receive()
         waited = time.perf_counter() - start
         assert batch["batch"] == step, f"batch {batch['batch']} arrived for step {step}"
-        examples = {g: self._example(i) for g, i in zip(batch["order"], batch["examples"])}
+        prompts = with_pixels([self._example(i) for i in batch["examples"]])  # this step's images, decoded here
+        examples = dict(zip(batch["order"], prompts))
         rollout, greedy = assemble(batch["order"], batch["groups"], examples, self.cfg.rollout.n)
         rollout.metrics = self.score(rollout)
         if greedy is not None:

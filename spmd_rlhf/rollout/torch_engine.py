@@ -138,6 +138,7 @@ def pixel_inputs(visions: list[VisionInputs | None], device: torch.device) -> di
     rows = [v for v in visions if v is not None and v.num_images > 0]
     if not rows:
         return {}
+    assert all(isinstance(v, VisionInputs) for v in rows), "images at rest: the step's prompts go through with_pixels"
     return {"pixel_values": torch.cat([v.pixel_values_PD for v in rows]).to(device),
             "image_grid_thw": torch.cat([v.image_grid_thw_I3 for v in rows]).to(device)}
 

@@ -43,6 +43,7 @@ def request(tokens_prompt: type, ids: list[int], vision: VisionInputs | None, im
     """One ``TokensPrompt``: the ids with one placeholder per image and the images as multi-modal data."""
     if vision is None or vision.num_images == 0:
         return tokens_prompt(prompt_token_ids=ids)
+    assert isinstance(vision, VisionInputs), "images at rest: the step's prompts go through with_pixels"
     return tokens_prompt(prompt_token_ids=collapse_image_placeholders(ids, image_token_id),
                          multi_modal_data={"image": list(vision.images)})
 

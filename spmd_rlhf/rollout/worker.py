@@ -17,7 +17,7 @@ import time
 
 from ..config import Config
 from ..data.balance import deal_mini_batches
-from ..data.datasets import PromptExample
+from ..data.datasets import PromptExample, with_pixels
 from ..data.loader import PromptLoader
 from ..distributed.comm import ObjectSend, isend_object, recv_object, send_object
 from ..distributed.topology import Topology
@@ -89,7 +89,7 @@ class GenerationWorker:
         """Generate this rank's share of batch ``batch`` and start sending it to the training ranks."""
         prompts = self.loader.next()
         mine = share(len(prompts), len(self.topo.gen_ranks), self.index)
-        examples = [prompts[i] for i in mine]
+        examples = with_pixels([prompts[i] for i in mine])  # this batch's images, decoded on this rank
         sampling = sampling_config(self.cfg, step_seed(self.cfg, batch, 0))
         start = time.perf_counter()
         samples, turn_metrics = rollout_samples(self.cfg, self.engine, self.tokenizer, examples, sampling)

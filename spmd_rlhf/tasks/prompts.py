@@ -1,8 +1,9 @@
 """The run's prompts: files in verl's format, or the built-in task ``data.task`` (arithmetic, or
 shapes for a vision-language policy), and the built-in task's warm-start demonstrations.
 
-A vision-language ``model.path`` processes the rows' images with its own image processor
-(``data/vision.py``); its prompts carry ``VisionInputs``.
+A vision-language ``model.path`` reads the rows' images with its own image processor
+(``data/vision.py``); its prompts carry them at rest (``ImageSources``: sources and grids), processed
+when a step draws them (``datasets.with_pixels``).
 """
 
 from __future__ import annotations

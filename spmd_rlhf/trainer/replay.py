@@ -21,7 +21,7 @@ from collections import deque
 
 import torch
 
-from ..data.datasets import PromptExample
+from ..data.datasets import PromptExample, at_rest, with_pixels
 from ..rollout.base import Samples
 from .groups import Rollout, concat
 
@@ -37,24 +37,25 @@ class GroupReplayBuffer:
         return len(self.groups)
 
     def add(self, rollout: Rollout) -> int:
-        """Keep ``rollout``'s qualifying groups; returns how many were added."""
+        """Keep ``rollout``'s qualifying groups (their images at rest); returns how many were added."""
         rewards_GN = rollout.rewards_GN()
         good = (rewards_GN.max(dim=1).values >= self.min_reward) & (rewards_GN.std(dim=1, correction=0) > 0)
         picked = [int(g) for g in torch.nonzero(good).flatten()]
         for g in picked:
-            self.groups.append(rollout.groups([g]))
+            group = rollout.groups([g])
+            self.groups.append(group.with_examples(at_rest(group.examples)))
         return len(picked)
 
     def mix(self, rollout: Rollout, fraction: float, filtered: list[int]) -> tuple[Rollout, int]:
         """Replace up to ``fraction`` of ``rollout``'s groups by buffered ones (``filtered`` groups
-        first); returns the new rollout and the number of groups replaced."""
+        first, their images processed again); returns the new rollout and the number of groups replaced."""
         count = min(int(round(fraction * rollout.num_groups)), len(self.groups))
         if count == 0:
             return rollout, 0
         others = [g for g in range(rollout.num_groups) if g not in set(filtered)]
         self.rng.shuffle(others)
         targets = set((list(filtered) + others)[:count])
-        replayed = self.rng.sample(list(self.groups), count)
+        replayed = [g.with_examples(with_pixels(g.examples)) for g in self.rng.sample(list(self.groups), count)]
         parts, it = [], iter(replayed)
         for g in range(rollout.num_groups):
             parts.append(next(it) if g in targets else rollout.groups([g]))

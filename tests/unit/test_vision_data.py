@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoTokenizer
 
-from spmd_rlhf.data.datasets import build_prompt_examples, load_prompt_dataset
+from spmd_rlhf.data.datasets import build_prompt_examples, load_prompt_dataset, with_pixels
 from spmd_rlhf.data.vision import expand_image_placeholders, load_image, load_image_processing
 from spmd_rlhf.rewards.registry import get_reward_fn
 from spmd_rlhf.tasks.shapes import ShapesTask, draw_image
@@ -86,7 +86,7 @@ def test_rows_with_images_expand_to_the_patch_count(tiny_vl, tmp_path):
     one, two = tokenizer("1", add_special_tokens=False).input_ids, tokenizer("2", add_special_tokens=False).input_ids
     assert examples[1].prompt_ids == one + [START] + [PAD] * 9 + [END] + two + [START] + [PAD] * 9 + [END]
     assert examples[1].vision.image_grid_thw_I3.tolist() == [[1, 6, 6], [1, 6, 6]]
-    assert examples[1].vision.pixel_values_PD.shape == (72, 3 * 2 * 14 * 14)
+    assert with_pixels(examples)[1].vision.pixel_values_PD.shape == (72, 3 * 2 * 14 * 14)
 
 
 def test_bytes_dict_and_content_parts_rows(tiny_vl):
@@ -96,7 +96,8 @@ def test_bytes_dict_and_content_parts_rows(tiny_vl):
     examples, _ = build(rows, tokenizer, images)
     assert examples[0].prompt_ids == examples[1].prompt_ids
     assert examples[0].prompt_ids.count(PAD) == 4  # 56 pixels: 4x4 patches -> 4 tokens
-    assert torch.equal(examples[0].vision.pixel_values_PD, examples[1].vision.pixel_values_PD)
+    one, two = with_pixels(examples)
+    assert torch.equal(one.vision.pixel_values_PD, two.vision.pixel_values_PD)
     text, _ = build([{"prompt": "1+2=", "data_source": "a", "reward_model": {"ground_truth": "3"}}], tokenizer, images)
     assert text[0].vision is None and PAD not in text[0].prompt_ids
 
