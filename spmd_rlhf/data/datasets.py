@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .vision import IMAGE_MARK, ImageProcessing, ImageSources, VisionInputs
@@ -55,6 +55,19 @@ def with_pixels(examples: list[PromptExample]) -> list[PromptExample]:
         if id(e) not in done:
             done[id(e)] = replace(e, vision=e.vision.load()) if isinstance(e.vision, ImageSources) else e
     return [done[id(e)] for e in examples]
+
+
+def example_state(example: PromptExample) -> dict:
+    """A prompt as plain values (a checkpoint's), its images at rest."""
+    (rest,) = at_rest([example])
+    assert rest.vision is None or isinstance(rest.vision, ImageSources), "images made without their sources"
+    return {**{f.name: getattr(rest, f.name) for f in fields(rest) if f.name != "vision"},
+            "vision": None if rest.vision is None else rest.vision.state()}
+
+
+def example_from_state(state: dict) -> PromptExample:
+    vision = state.get("vision")
+    return PromptExample(**{**state, "vision": None if vision is None else ImageSources.from_state(vision)})
 
 
 def at_rest(examples: list[PromptExample]) -> list[PromptExample]:

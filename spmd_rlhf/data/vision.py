@@ -153,6 +153,18 @@ class ImageSources:
         """How many ``image_pad`` tokens each image takes in the token ids."""
         return [int(t * h * w) // spatial_merge_size**2 for t, h, w in self.image_grid_thw_I3.tolist()]
 
+    def state(self) -> dict:
+        """Plain values (a checkpoint's): the sources, grids and the processing's arguments."""
+        p = self.processing
+        return {"sources": list(self.sources), "grids": self.image_grid_thw_I3.tolist(), "model_dir": p.model_dir,
+                "image_token_id": p.image_token_id, "merge_size": p.merge_size}
+
+    @staticmethod
+    def from_state(state: dict) -> ImageSources:
+        processing = load_image_processing(state["model_dir"], state["image_token_id"], state["merge_size"])
+        return ImageSources(list(state["sources"]), torch.tensor(state["grids"], dtype=torch.long).view(-1, 3),
+                            processing)
+
     def load(self) -> VisionInputs:
         """Decode and process the images: the pixel patches (the same grids as at load time)."""
         vision = self.processing.inputs([load_image(source) for source in self.sources])

@@ -15,13 +15,12 @@ treats them as on-policy, which is the usual approximation of replay in PPO-styl
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import deque
 
 import torch
 
-from ..data.datasets import PromptExample, at_rest, with_pixels
+from ..data.datasets import at_rest, example_from_state, example_state, with_pixels
 from ..rollout.base import Samples
 from .groups import Rollout, concat
 
@@ -63,7 +62,7 @@ class GroupReplayBuffer:
 
     def state_dict(self) -> dict:
         """Plain Python values only (lists, dicts, numbers, strings): loadable with weights_only."""
-        groups = [{"examples": [dataclasses.asdict(e) for e in g.examples], "token_ids": g.samples.token_ids,
+        groups = [{"examples": [example_state(e) for e in g.examples], "token_ids": g.samples.token_ids,
                    "logprobs": g.samples.logprobs, "finish_reasons": g.samples.finish_reasons,
                    "loss_masks": g.samples.loss_masks,
                    "rewards": g.rewards.tolist(),
@@ -74,7 +73,7 @@ class GroupReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         groups = []
         for g in state["groups"]:
-            examples = [PromptExample(**e) for e in g["examples"]]
+            examples = [example_from_state(e) for e in g["examples"]]
             samples = Samples(g["token_ids"], g["logprobs"], g["finish_reasons"], g.get("loss_masks"))
             greedy = None if g["greedy_rewards"] is None else torch.tensor(g["greedy_rewards"])
             groups.append(Rollout(examples, samples, len(examples), torch.tensor(g["rewards"]), greedy))

@@ -208,3 +208,28 @@ def test_a_step_processes_its_prompts_once_for_the_engine_batch_and_replay(tiny_
     pixels = {e.index: v.pixel_values_PD for e, v in zip(examples, given)}
     for e, v in zip(mixed.examples, mixed.batch(0).vision):  # a replayed group's images, processed again
         assert torch.equal(v.pixel_values_PD, pixels[e.index])
+
+
+def test_replayed_images_checkpoint_as_plain_values(tiny_vl, tmp_path):
+    """The replay buffer's state holds a group's images at rest as plain values (``weights_only``
+    loads them) and restores them to the same pixels."""
+    from spmd_rlhf.rollout.base import Samples
+    from spmd_rlhf.rollout.groups import Rollout
+    from spmd_rlhf.trainer.replay import GroupReplayBuffer
+
+    tokenizer, processing = tiny_vl
+    rows = [{"prompt": "<image>=", "images": [photo(84, 56, seed=7)], "data_source": "shapes",
+             "reward_model": {"ground_truth": "1"}}]
+    examples, _ = build_prompt_examples(list(enumerate(rows, start=1)), tokenizer, 512, True, 0.0, "k",
+                                        images=processing)
+    ready = with_pixels(examples) * 2
+    rollout = Rollout(ready, Samples([[14], [15]], [[-0.1], [-0.2]], ["stop"] * 2), 2, torch.tensor([0.0, 1.0]))
+    buffer = GroupReplayBuffer(capacity=2, min_reward=1.0, seed=0)
+    assert buffer.add(rollout) == 1
+    torch.save(buffer.state_dict(), tmp_path / "replay.pt")
+    restored = GroupReplayBuffer(capacity=2, min_reward=1.0, seed=0)
+    restored.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=True))
+    (group,) = restored.groups
+    assert isinstance(group.examples[0].vision, ImageSources) and group.examples[0].prompt_ids == ready[0].prompt_ids
+    (back,) = with_pixels(group.examples[:1])
+    assert torch.equal(back.vision.pixel_values_PD, ready[0].vision.pixel_values_PD)
