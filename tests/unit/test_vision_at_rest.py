@@ -78,7 +78,7 @@ def _rows(tmp_path) -> list[dict]:
             {"prompt": "<image>=", "images": [odd]}]
 
 
-def test_a_loaded_dataset_holds_sources_and_grids_only(tiny_vl, tmp_path):
+def test_a_loaded_dataset_holds_sources_and_grids_only(tiny_vl, tmp_path, monkeypatch):
     tokenizer, processing = tiny_vl
     rows = [{"prompt": f"<image>{i}", "images": [photo(224, 224, seed=i)], "data_source": "shapes",
              "reward_model": {"ground_truth": "1"}} for i in range(6)]
@@ -88,7 +88,11 @@ def test_a_loaded_dataset_holds_sources_and_grids_only(tiny_vl, tmp_path):
 
     pq.write_table(pa.Table.from_pylist([dict(r, images=[{"bytes": r["images"][0], "path": None}]) for r in rows]),
                    path)
-    examples, stats = load_prompt_dataset([str(path)], tokenizer, 512, True, 0.0, "data.train_files", images=processing)
+    with monkeypatch.context() as patch:  # loading decodes nothing
+        patch.setattr(ImageProcessing, "inputs", lambda *_: pytest.fail("decoded at load time"))
+        patch.setattr(Image.Image, "load", lambda *_: pytest.fail("decoded at load time"))
+        examples, stats = load_prompt_dataset([str(path)], tokenizer, 512, True, 0.0, "data.train_files",
+                                              images=processing)
     assert stats.kept == 6
     for e in examples:
         assert isinstance(e.vision, ImageSources) and all(isinstance(s, bytes) for s in e.vision.sources)
