@@ -55,6 +55,7 @@ class VisionInputs:
 
 
 IMAGE_MARK = "<image>"  # verl's convention: where each image of a row goes in its prompt text
+ImageSource = bytes | str  # an image at rest: its encoded bytes, or the absolute path of its file
 
 
 def load_image(item: Any, base_dir: str | None = None) -> Any:
@@ -65,19 +66,19 @@ def load_image(item: Any, base_dir: str | None = None) -> Any:
 
     if isinstance(item, Image.Image):
         return item.convert("RGB")
-    if isinstance(item, dict):
-        item = item.get("bytes") or item.get("path")
+    return _read(image_source(item, base_dir), lambda image: image.convert("RGB"))
+
+
+def _read(source: ImageSource, read: Any) -> Any:
+    """``read(image)`` of the opened (not yet decoded) image at ``source``; ``ValueError`` when it
+    cannot be read."""
+    from PIL import Image
+
     try:
-        if isinstance(item, (bytes, bytearray)):
-            with Image.open(io.BytesIO(item)) as image:
-                return image.convert("RGB")
-        if isinstance(item, str) and item:
-            path = item if os.path.isabs(item) or base_dir is None else os.path.join(base_dir, item)
-            with Image.open(path) as image:
-                return image.convert("RGB")
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return read(image)
     except (OSError, ValueError) as err:
         raise ValueError(f"image unreadable: {err}") from err
-    raise ValueError(f"an image must be a path, bytes or {{'bytes', 'path'}}, got {type(item).__name__}")
 
 
 def expand_image_placeholders(ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
@@ -96,9 +97,6 @@ def expand_image_placeholders(ids: list[int], image_token_id: int, counts: list[
         else:
             out.append(token)
     return out
-
-
-ImageSource = bytes | str  # an image at rest: its encoded bytes, or the absolute path of its file
 
 
 def image_source(item: Any, base_dir: str | None = None) -> ImageSource:
@@ -123,13 +121,7 @@ def image_source(item: Any, base_dir: str | None = None) -> ImageSource:
 def image_size(source: ImageSource) -> tuple[int, int]:
     """``(width, height)`` of an image at rest, read from its header (the pixels are not decoded).
     Raises ``ValueError`` when it cannot be read."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.size
-    except (OSError, ValueError) as err:
-        raise ValueError(f"image unreadable: {err}") from err
+    return _read(source, lambda image: image.size)
 
 
 @dataclass
