@@ -56,6 +56,7 @@ def engine(monkeypatch):
     eng.llm, eng._memory, eng._world = FakeLLM(calls), VLLMMemory("cpu", 2, enabled=True), OwnWorld()
     eng._weights_loaded, eng.weight_version = False, 0
     eng.wants_full_weights, eng.device, eng.tp_mesh = True, torch.device("cpu"), OneRank()
+    eng._image_token, eng._banned = None, []  # a text policy
     monkeypatch.setattr(vllm_compat, "driver_model", lambda llm: llm.model)
     monkeypatch.setattr(vllm_compat, "load_full_weights", lambda llm, weights, device: calls.append(("load",)))
     monkeypatch.setattr(vllm_compat, "reset_prefix_cache", lambda llm: calls.append(("reset_prefix_cache",)))
