@@ -24,6 +24,11 @@ import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 
+def placeholder_counts(image_grid_thw_I3: torch.Tensor, spatial_merge_size: int) -> list[int]:
+    """How many ``image_pad`` tokens each image of these grids takes: one per merged patch."""
+    return [int(t * h * w) // spatial_merge_size**2 for t, h, w in image_grid_thw_I3.tolist()]
+
+
 @dataclass
 class VisionInputs:
     """One prompt's images, in the order their placeholders appear in its token ids."""
@@ -51,7 +56,7 @@ class VisionInputs:
 
     def placeholder_tokens(self, spatial_merge_size: int) -> list[int]:
         """How many ``image_pad`` tokens each image takes in the token ids."""
-        return [int(t * h * w) // spatial_merge_size**2 for t, h, w in self.image_grid_thw_I3.tolist()]
+        return placeholder_counts(self.image_grid_thw_I3, spatial_merge_size)
 
 
 IMAGE_MARK = "<image>"  # verl's convention: where each image of a row goes in its prompt text
@@ -143,7 +148,7 @@ class ImageSources:
 
     def placeholder_tokens(self, spatial_merge_size: int) -> list[int]:
         """How many ``image_pad`` tokens each image takes in the token ids."""
-        return [int(t * h * w) // spatial_merge_size**2 for t, h, w in self.image_grid_thw_I3.tolist()]
+        return placeholder_counts(self.image_grid_thw_I3, spatial_merge_size)
 
     def state(self) -> dict:
         """Plain values (a checkpoint's): the sources, grids and the processing's arguments."""

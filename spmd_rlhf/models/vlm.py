@@ -60,6 +60,12 @@ def image_token_id(hf_config: PretrainedConfig) -> int:
     return int(hf_config.image_token_id)
 
 
+def placeholder_token_ids(hf_config: PretrainedConfig) -> list[int]:
+    """The token ids a vision-language policy never generates: its image and video placeholders (the
+    actor's forward would take one in a response for an image). Engines leave their logprobs as they are."""
+    return [image_token_id(hf_config), int(hf_config.video_token_id)]
+
+
 def spatial_merge_size(hf_config: PretrainedConfig) -> int:
     return int(hf_config.vision_config.spatial_merge_size)
 
@@ -113,7 +119,7 @@ def vision_forward_kwargs(hf_config: PretrainedConfig, input_ids_BT: torch.Tenso
                           visions: list[VisionInputs | None]) -> dict[str, torch.Tensor]:
     """What a VL policy's forward takes beside the token ids for these rows: ``pixel_values`` of all
     their images concatenated in row order, ``image_grid_thw`` and M-RoPE ``position_ids`` ``[3, B, T]``
-    (padding at 0). Empty when no row has an image (text positions are then the same on all three
+    at each row's unpadded tokens, right- or left-padded (padding at 0). Empty when no row has an image (text positions are then the same on all three
     axes, and the ``[B, T]`` ones do). Host tensors in, host tensors out."""
     assert len(visions) == input_ids_BT.shape[0]
     rows = [(i, v) for i, v in enumerate(visions) if v is not None and v.num_images > 0]
@@ -122,11 +128,10 @@ def vision_forward_kwargs(hf_config: PretrainedConfig, input_ids_BT: torch.Tenso
     assert all(isinstance(v, VisionInputs) for _, v in rows), "images at rest: the step's prompts need with_pixels"
     merge, token = spatial_merge_size(hf_config), image_token_id(hf_config)
     positions_3BT = torch.zeros((3, *input_ids_BT.shape), dtype=torch.long)
-    lengths = attention_mask_BT.sum(dim=1).tolist()
     for i, vision in enumerate(visions):
         grids_I3 = vision.image_grid_thw_I3 if vision is not None else torch.zeros(0, 3, dtype=torch.long)
-        length = int(lengths[i])
-        positions_3BT[:, i, :length] = mrope_positions(input_ids_BT[i, :length], grids_I3, token, merge)
+        real_T = attention_mask_BT[i].bool()
+        positions_3BT[:, i, real_T] = mrope_positions(input_ids_BT[i, real_T], grids_I3, token, merge)
     return {"pixel_values": torch.cat([v.pixel_values_PD for _, v in rows]),
             "image_grid_thw": torch.cat([v.image_grid_thw_I3 for _, v in rows]),
             "position_ids": positions_3BT}

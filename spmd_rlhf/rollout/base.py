@@ -9,10 +9,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from transformers import PretrainedConfig
 
 from ..data.vision import VisionInputs
-from ..models.vlm import image_token_id
 
 
 @dataclass
@@ -140,12 +138,6 @@ class EngineBase:
 
     def close(self) -> None:
         return None
-
-
-def placeholder_token_ids(hf_config: PretrainedConfig) -> list[int]:
-    """The token ids a vision-language policy never generates: its image and video placeholders (the
-    actor's forward would take one in a response for an image). Engines leave their logprobs as they are."""
-    return [image_token_id(hf_config), int(hf_config.video_token_id)]
 
 
 def sample_seeds(seed: int, prompt_ids: list[int], n: int) -> list[int]:

@@ -17,7 +17,7 @@ filtering, the quantity the actor recomputes with ``log_softmax(logits / T)``.
 
 A vision-language policy (Qwen2-VL family) takes each row's ``VisionInputs``: the prefill passes the
 chunk's pixel patches and grids (row order) and explicit M-RoPE positions ``[3, B, L]``
-(``models/vlm.mrope_positions`` at each row's unpadded tokens); a decode step continues each row at
+(``models/vlm.vision_forward_kwargs``: at each row's unpadded tokens); a decode step continues each row at
 its largest position + 1 on all three axes, as HF's ``rope_deltas`` do.
 """
 
@@ -36,10 +36,9 @@ from transformers.cache_utils import Cache
 
 from spmd_rlhf.data.vision import VisionInputs
 from spmd_rlhf.distributed.tp_plan import apply_tensor_parallel
-from spmd_rlhf.models.vlm import (image_token_id, is_vision_language, model_class, mrope_positions,
-                                  spatial_merge_size, text_config)
-from spmd_rlhf.rollout.base import (EngineBase, SamplingConfig, Samples, gather_tp_prompts, placeholder_token_ids,
-                                    sample_seeds)
+from spmd_rlhf.models.vlm import (is_vision_language, model_class, placeholder_token_ids, text_config,
+                                  vision_forward_kwargs)
+from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_tp_prompts, sample_seeds
 
 
 @dataclass
@@ -120,29 +119,6 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) 
     return ids_BL.to(device), mask_BL.to(device)
 
 
-def left_padded_positions(ids_BL: torch.Tensor, mask_BL: torch.Tensor, visions: list[VisionInputs | None],
-                          image_token: int, merge_size: int) -> torch.Tensor:
-    """M-RoPE positions ``[3, B, L]`` of left-padded rows: each row's at its unpadded tokens (text on
-    all three axes alike, images over their merged grids), padding at 0."""
-    width = ids_BL.shape[1]
-    positions_3BL = torch.zeros((3, *ids_BL.shape), dtype=torch.long)
-    for row, vision in enumerate(visions):
-        start = width - int(mask_BL[row].sum())
-        grids_I3 = torch.zeros(0, 3, dtype=torch.long) if vision is None else vision.image_grid_thw_I3
-        positions_3BL[:, row, start:] = mrope_positions(ids_BL[row, start:].cpu(), grids_I3, image_token, merge_size)
-    return positions_3BL.to(ids_BL.device)
-
-
-def pixel_inputs(visions: list[VisionInputs | None], device: torch.device) -> dict[str, torch.Tensor]:
-    """``pixel_values`` and ``image_grid_thw`` of the rows' images in row order; empty without any."""
-    rows = [v for v in visions if v is not None and v.num_images > 0]
-    if not rows:
-        return {}
-    assert all(isinstance(v, VisionInputs) for v in rows), "images at rest: the step's prompts go through with_pixels"
-    return {"pixel_values": torch.cat([v.pixel_values_PD for v in rows]).to(device),
-            "image_grid_thw": torch.cat([v.image_grid_thw_I3 for v in rows]).to(device)}
-
-
 class TorchEngine(EngineBase):
     """HF causal LM + tensor-parallel plan + batched KV-cache sampling (``RolloutEngine``).
 
@@ -170,12 +146,11 @@ class TorchEngine(EngineBase):
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.weight_version = 0
-        # a vision-language policy: (image token id, spatial merge size) for its positions; it never
-        # generates image/video placeholders (they would be taken for images by the actor's forward)
-        self.vision_ids = (image_token_id(hf_config), spatial_merge_size(hf_config)) \
-            if is_vision_language(hf_config) else None
+        # a vision-language policy's config (its positions and pixel inputs); it never generates
+        # image/video placeholders (they would be taken for images by the actor's forward)
+        self.vision_config = hf_config if is_vision_language(hf_config) else None
         self.banned_V = None
-        if self.vision_ids is not None:
+        if self.vision_config is not None:
             self.banned_V = torch.zeros(text_config(hf_config).vocab_size, dtype=torch.bool, device=self.device)
             self.banned_V[placeholder_token_ids(hf_config)] = True
         with torch.device(self.device):
@@ -235,19 +210,20 @@ class TorchEngine(EngineBase):
     def _prefill(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, visions: list[VisionInputs | None] | None
                  ) -> tuple[torch.Tensor, Cache, torch.Tensor]:
         """The prompts' forward: last logits, the cache and each row's next position ``[B, 1]``."""
-        if self.vision_ids is None:
-            assert visions is None or all(v is None for v in visions), "images for a text-only policy"
-            positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
-            logits_BV, cache = self._forward(ids_BL, mask_BL, positions_BL, None)
-            return logits_BV, cache, mask_BL.sum(-1, keepdim=True)
-        visions = visions or [None] * ids_BL.shape[0]
-        positions_3BL = left_padded_positions(ids_BL, mask_BL, visions, *self.vision_ids)
-        logits_BV, cache = self._forward(ids_BL, mask_BL, positions_3BL, None, pixel_inputs(visions, self.device))
-        return logits_BV, cache, positions_3BL.amax(dim=(0, 2))[:, None] + 1
+        assert self.vision_config is not None or visions is None or all(v is None for v in visions), \
+            "images for a text-only policy"
+        pixels = {}
+        if self.vision_config is not None and visions is not None:  # M-RoPE positions and pixels of image rows
+            pixels = {k: v.to(self.device) for k, v in
+                      vision_forward_kwargs(self.vision_config, ids_BL.cpu(), mask_BL.cpu(), visions).items()}
+        positions = pixels.pop("position_ids", (mask_BL.cumsum(-1) - 1).clamp(min=0))  # [3, B, L] or [B, L]
+        logits_BV, cache = self._forward(ids_BL, mask_BL, positions, None, pixels)
+        top_B = positions.amax(dim=-1)
+        return logits_BV, cache, (top_B if top_B.ndim == 1 else top_B.amax(dim=0))[:, None] + 1
 
     def _positions(self, next_pos_B1: torch.Tensor) -> torch.Tensor:
         """A decode step's positions: ``[B, 1]``, or the same on all three M-RoPE axes."""
-        return next_pos_B1 if self.vision_ids is None else next_pos_B1[None].expand(3, -1, -1)
+        return next_pos_B1 if self.vision_config is None else next_pos_B1[None].expand(3, -1, -1)
 
     def _ends(self, tokens_BT: torch.Tensor, stops: list[torch.Tensor], ignore_eos: bool) -> torch.Tensor:
         """Rows whose tokens so far end with EOS (unless ``ignore_eos``) or with a stop sequence."""
@@ -305,7 +281,7 @@ class TorchEngine(EngineBase):
             all_seeds, _ = gather_tp_prompts(self.tp_mesh, seeds)
             row_seeds = sample_seeds(sampling.seed, all_seeds, sampling.n)
         visions = None
-        if self.vision_ids is not None:  # every tp rank takes part, images or not
+        if self.vision_config is not None:  # every tp rank takes part, images or not
             all_visions, _ = gather_tp_prompts(self.tp_mesh, vision or [None] * len(prompt_token_ids))
             visions = [v for v in all_visions for _ in range(sampling.n)]
         rows = [p for p in prompts for _ in range(sampling.n)]

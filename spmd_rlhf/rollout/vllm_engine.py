@@ -58,11 +58,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from transformers import PretrainedConfig
 
 from spmd_rlhf.data.vision import VisionInputs
-from spmd_rlhf.models.vlm import image_token_id, is_vision_language, text_config
+from spmd_rlhf.models.vlm import image_token_id, is_vision_language, placeholder_token_ids, text_config
 from spmd_rlhf.rollout import vllm_compat as compat
 from spmd_rlhf.rollout import vllm_vision
-from spmd_rlhf.rollout.base import (EngineBase, SamplingConfig, Samples, gather_tp_prompts, placeholder_token_ids,
-                                    sample_seeds)
+from spmd_rlhf.rollout.base import EngineBase, SamplingConfig, Samples, gather_tp_prompts, sample_seeds
 from spmd_rlhf.rollout.vllm_layout import (
     EMBED, FusedLayout, copy_tp_slice, expected_writes, vllm_shard_dims, vocab_chunks_align,
 )
