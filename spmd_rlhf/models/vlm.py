@@ -62,7 +62,8 @@ def image_token_id(hf_config: PretrainedConfig) -> int:
 
 def placeholder_token_ids(hf_config: PretrainedConfig) -> list[int]:
     """The token ids a vision-language policy never generates: its image and video placeholders (the
-    actor's forward would take one in a response for an image). Engines leave their logprobs as they are."""
+    actor's forward would take one in a response for an image). The TorchEngine's logprobs stay the
+    actor's; vLLM's come after its logit bias (``rollout/vllm_vision.banned_bias``)."""
     return [image_token_id(hf_config), int(hf_config.video_token_id)]
 
 

@@ -5,6 +5,11 @@ Prompts with one image, two images of different sizes, and none, in one batch. v
 one placeholder per image and the images, runs its own image processor and expands them (the
 engine raises if its expansion is not the data loader's); its weights arrive through the full
 sync in HF names. Writes a JSON report to argv[1]; tests/gpu/test_vllm_vision.py asserts on it.
+
+Both engines keep the image/video placeholders out of the responses; the TorchEngine reports
+log_softmax(logits) (the actor's), vLLM the log-prob after its logit bias, larger by
+-log(1 - p_placeholders). The report's gap is vLLM's against the TorchEngine's with that term added,
+the placeholders' mass computed here by the HF model on each prompt + response.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
 
 from spmd_rlhf.data.vision import load_image_processing  # noqa: E402
 from spmd_rlhf.distributed.topology import init_distributed, shutdown  # noqa: E402
-from spmd_rlhf.models.vlm import image_token_id, spatial_merge_size  # noqa: E402
+from spmd_rlhf.models.vlm import (image_token_id, placeholder_token_ids, spatial_merge_size,  # noqa: E402
+                                  vision_forward_kwargs)
 from spmd_rlhf.rollout.base import SamplingConfig  # noqa: E402
 from spmd_rlhf.rollout.torch_engine import TorchEngine  # noqa: E402
 from spmd_rlhf.rollout.vllm_engine import VLLMEngine  # noqa: E402
@@ -46,6 +52,17 @@ def prompts(processing) -> tuple[list[list[int]], list]:
     return ids, visions
 
 
+def placeholder_log_mass(model, config, ids: list[int], response: list[int], vision, device) -> list[float]:
+    """log p(placeholders) at each response position under the HF model (fp32)."""
+    tokens_1T = torch.tensor([ids + response[:-1]])
+    inputs = {k: t.to(device) for k, t in
+              vision_forward_kwargs(config, tokens_1T, torch.ones_like(tokens_1T), [vision]).items()}
+    with torch.no_grad():
+        logits_TV = model(input_ids=tokens_1T.to(device), **inputs).logits[0, len(ids) - 1:].float()
+    logprobs_TV = torch.log_softmax(logits_TV, dim=-1)
+    return torch.logsumexp(logprobs_TV[:, placeholder_token_ids(config)], dim=-1).tolist()
+
+
 def main(out_path: str, model_dir: str) -> None:
     topo = init_distributed(1, 1, 600)
     make_tiny.make_tiny_model("qwen2_5_vl", model_dir)
@@ -63,9 +80,17 @@ def main(out_path: str, model_dir: str) -> None:
                         max_images=2)
     engine.load_weights([weights])
     got = engine.generate(ids, greedy, vision=visions)
-    gaps = [abs(a - b) for g, w in zip(got.logprobs, want.logprobs) for a, b in zip(g, w)]
+    model = model.to(topo.device)
+    masses = [placeholder_log_mass(model, config, p, r, v, topo.device)
+              for p, r, v in zip(ids, want.token_ids, visions)]
+    expected = [[lp - torch.log1p(-torch.tensor(m).exp()).item() for lp, m in zip(row, ms)]
+                for row, ms in zip(want.logprobs, masses)]
+    gaps = [abs(a - b) for g, w in zip(got.logprobs, expected) for a, b in zip(g, w)]
     report = {"tokens_equal": got.token_ids == want.token_ids, "torch_tokens": want.token_ids,
               "vllm_tokens": got.token_ids, "max_logprob_gap": max(gaps, default=0.0),
+              "max_placeholder_mass": max((torch.tensor(m).exp().max().item() for m in masses if m), default=0.0),
+              "max_gap_to_unbiased": max((abs(a - b) for g, w in zip(got.logprobs, want.logprobs)
+                                          for a, b in zip(g, w)), default=0.0),
               "no_placeholder_generated": all(t not in (IMAGE, 18) for row in got.token_ids for t in row)}
     sampled = engine.generate(ids, SamplingConfig(max_new_tokens=8, n=4, temperature=1.0, seed=3), vision=visions,
                               seeds=[0, 1, 2, 3])
