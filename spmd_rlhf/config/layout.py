@@ -67,7 +67,7 @@ def check_tp_shapes(cfg: Config, heads: int, kv_heads: int, intermediate_size: i
     common = math.gcd(heads, kv_heads, intermediate_size) if engine == "vllm" else math.gcd(heads, kv_heads)
     below = max(d for d in range(1, tp + 1) if common % d == 0)
     fix = f"set distributed.tp to a divisor of all of them (e.g. distributed.tp={below})"
-    if engine == "vllm" and sync == "dtensor" and heads % tp == 0 and tp % kv_heads == 0 and mlp_ok:
+    if engine == "vllm" and sync != "full" and heads % tp == 0 and tp % kv_heads == 0 and mlp_ok:
         fix += ", or rollout.weight_sync=full (vLLM then replicates the key/value heads)"
     raise ConfigError(f"distributed.tp={tp} must divide the model's {shapes} (every generation rank holds 1/tp "
                       f"of them); {fix}")

@@ -17,7 +17,7 @@ ENGINES = ("torch", "vllm")
 VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
-WEIGHT_SYNC = ("dtensor", "full")
+WEIGHT_SYNC = ("auto", "dtensor", "full")
 PLACEMENTS = ("colocate", "split")
 LORA_SYNC = ("merged", "adapter")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -197,7 +197,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     val_temperature: float = 0.0  # 0 = greedy evaluation
-    weight_sync: str = "dtensor"  # dtensor | full
+    weight_sync: str = "auto"  # auto (dtensor where vLLM can take tp slices, else full) | dtensor | full
     bucket_mb: int = 256
     max_batch_size: int = 256  # torch engine: rows per generation chunk
     seed: int = 0

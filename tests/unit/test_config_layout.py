@@ -150,6 +150,7 @@ def test_tp_shapes_that_split(engine: str, sync: str, tp: int, heads: int, kv: i
     ("torch", "dtensor", 4, 6, 6, 8, r"e\.g\. distributed\.tp=3\b"),
     ("torch", "dtensor", 4, 12, 2, 8960, r"num_key_value_heads=2.*distributed\.tp=2\b"),
     ("vllm", "dtensor", 4, 12, 2, 8960, r"num_key_value_heads=2.*or rollout\.weight_sync=full"),
+    ("vllm", "auto", 4, 12, 2, 8960, r"num_key_value_heads=2.*or rollout\.weight_sync=full"),
     ("vllm", "full", 4, 4, 4, 6, r"intermediate_size=6.*distributed\.tp=2\b"),
     ("vllm", "full", 4, 12, 3, 8960, r"num_key_value_heads=3.*distributed\.tp=1\b"),  # 4: no multiple of 3 either
 ])

