@@ -1,8 +1,11 @@
 """LoRA on the actor through PEFT: the adapters, the reference they hide, and their merged weights.
 
 ``add_lora`` wraps an HF causal LM in a ``PeftModel`` (before FSDP2: ``parallelize`` shards the
-PEFT model's decoder layers); only the ``lora_A``/``lora_B`` matrices train. The reference policy
-is the same model with the adapters disabled (``reference_mode``): no second copy.
+PEFT model's decoder layers); only the ``lora_A``/``lora_B`` matrices train. Adapters go on the
+language model's projections only (``target_modules``): a vision-language policy's vision tower has
+modules of the same names (gate_proj, up_proj, down_proj) and keeps none. The reference policy
+is the same model with the adapters disabled (``reference_mode``): no second copy. ``base_model``
+is the HF model under the wrapper, for code that reaches into the model's parts.
 
 ``MergedWeights`` is the view the weight sync streams: the base model's HF names (no
 ``base_model.model.`` prefix, no ``.base_layer``, no ``lora_`` tensors) and, per parameter, its
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import os
+import re
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -45,17 +49,43 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
     source = model.config._name_or_path or None
     if source is not None and os.path.isdir(source):
         source = os.path.abspath(source)
+    targets = target_modules(model, lora.target_modules)
     setattr(model.config, CONFIG_KEY, {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-                                       "target_modules": list(lora.target_modules),
+                                       "target_modules": targets,
                                        "base_model_name_or_path": source, "sync": lora.sync})
     config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                            target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def target_modules(model: torch.nn.Module, names: list[str] | tuple[str, ...]) -> list[str] | str:
+    """What PEFT adapts in ``model`` (an HF model): the modules ``names`` (e.g. ``q_proj``) of its
+    language model (``get_decoder()``) only. Where every module so named lies in the language model
+    (a text policy) that is ``names`` itself; where others share the names (a vision-language
+    policy's vision tower: ``mlp.gate_proj``...), a PEFT regex (full match) of the language
+    model's modules so named (``model\\.language_model\\..*\\.(q_proj|v_proj)``)."""
+    decoder = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    if not prefix:  # the model is its decoder
+        return list(names)
+
+    def named(module_name: str) -> bool:  # PEFT's list matching: the name or a dotted suffix of it
+        return any(module_name == t or module_name.endswith(f".{t}") for t in names)
+
+    outside = [n for n, _ in model.named_modules() if named(n) and not n.startswith(f"{prefix}.")]
+    if not outside:
+        return list(names)
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(t) for t in names)})"
 
 
 def is_lora(model: torch.nn.Module) -> bool:
     """Whether ``model`` (FSDP-wrapped or not) carries PEFT adapters."""
     return isinstance(model, PeftModel)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under PEFT's wrapper (its adapted layers in place), or ``model`` itself."""
+    return model.get_base_model() if is_lora(model) else model
 
 
 def base_path(model: torch.nn.Module) -> str | None:

@@ -16,7 +16,8 @@ trainable model gets the router's balance loss hooked in.
 Vision-language models (``models/vlm.py``): the decoder layers are the language model's; every
 vision block and then the whole vision tower (patch embedding, merger) are FSDP units of their
 own, so a frozen tower (``model.vision.freeze_vision_tower``) never shares a parameter group with
-trainable weights.
+trainable weights. A LoRA actor (PEFT's wrapper, ``models/lora.py``) is sharded the same way: its
+adapters live in the language model's layers, its root is the wrapper.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from .lora import is_lora
+from .lora import base_model
 from .moe import default_router_aux_loss_coef, install_router_aux_loss, moe_blocks
 from .vlm import is_vision_language, vision_tower
 
@@ -33,8 +34,7 @@ from .vlm import is_vision_language, vision_tower
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a HF causal LM (``model.model.layers`` for Llama/Qwen/Mistral; a
     VL model's ``model.model.language_model.layers``), also under PEFT's wrapper."""
-    if is_lora(model):
-        model = model.get_base_model()
+    model = base_model(model)
     if is_vision_language(model.config):
         return list(model.model.language_model.layers)
     base = getattr(model, "model", None)
@@ -103,7 +103,7 @@ def parallelize(
     A trainable VL model keeps its vision tower's weights with ``freeze_vision_tower``.
     """
     assert checkpoint_every >= 1
-    base = model.get_base_model() if is_lora(model) else model
+    base = base_model(model)
     if trainable and moe_blocks(base):
         coef = default_router_aux_loss_coef(base.config) if router_aux_loss_coef is None else router_aux_loss_coef
         install_router_aux_loss(base, base.get_decoder(), coef)

@@ -8,7 +8,8 @@ resumes at ``start + max(rows, columns)``. Computed here from the token ids and 
 releases), so the actor, the reference and the torch engine pass explicit positions.
 
 Also the one owner of "is this policy vision-language" (``is_vision_language``, ``model_class``,
-``text_config``) and of what its forward takes beyond token ids (``vision_forward_kwargs``).
+``text_config``), of its parts (``multimodal_body``, ``vision_tower``; also under PEFT's LoRA
+wrapper) and of what its forward takes beyond token ids (``vision_forward_kwargs``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Pret
 
 from ..config import Config, ConfigError
 from ..data.vision import VisionInputs
+from .lora import base_model
 
 VISION_LANGUAGE_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -40,16 +42,21 @@ def text_config(hf_config: PretrainedConfig) -> PretrainedConfig:
 
 def check_vision_language(cfg: Config, hf_config: PretrainedConfig) -> None:
     """Raise ``ConfigError`` (before any process group) for what a VL policy does not run with yet:
-    sequence parallelism, LoRA, a critic made from the actor."""
+    sequence parallelism, LoRA adapters sent to vLLM as adapters or beside a trained vision tower, a
+    critic made from the actor."""
     if not is_vision_language(hf_config):
         return
     what = f"model.path is a vision-language model ({hf_config.model_type})"
     if cfg.distributed.sp > 1:
         raise ConfigError(f"distributed.sp={cfg.distributed.sp}: {what}, which has no sequence parallelism yet; "
                           "set distributed.sp=1")
-    if cfg.model.lora.rank > 0:
-        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank}: {what}; LoRA adapters on it are not supported "
-                          "yet, set model.lora.rank=0")
+    if cfg.model.lora.rank > 0 and cfg.model.lora.sync == "adapter":
+        raise ConfigError(f"model.lora.sync=adapter: {what}, whose adapters vLLM does not take from this trainer "
+                          "yet; set model.lora.sync=merged (the merged weights go to any engine)")
+    if cfg.model.lora.rank > 0 and not cfg.model.vision.freeze_vision_tower:
+        raise ConfigError(f"model.vision.freeze_vision_tower=false with model.lora.rank={cfg.model.lora.rank}: {what} "
+                          "and LoRA trains adapters on its language model only, the vision tower stays frozen; set "
+                          "model.vision.freeze_vision_tower=true (or model.lora.rank=0 to train the tower)")
     if cfg.algorithm.adv_estimator == "gae" and cfg.critic.init_from == "actor":
         raise ConfigError(f"algorithm.adv_estimator=gae with critic.init_from=actor: {what} and the critic would "
                           "copy it (a value model reading images is not supported yet); use a critic-free "
@@ -73,13 +80,14 @@ def spatial_merge_size(hf_config: PretrainedConfig) -> int:
 
 def multimodal_body(model: torch.nn.Module) -> torch.nn.Module:
     """The module of a VL policy that takes token ids with ``pixel_values`` / ``image_grid_thw`` and
-    returns the last hidden states (vision tower + language model, no head)."""
-    return model.model
+    returns the last hidden states (vision tower + language model, no head); ``model`` may be a
+    LoRA actor (PEFT's wrapper)."""
+    return base_model(model).model
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision encoder of a VL policy (patch embedding, blocks, merger)."""
-    return model.model.visual
+    """The vision encoder of a VL policy (patch embedding, blocks, merger), also under PEFT's wrapper."""
+    return multimodal_body(model).visual
 
 
 def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

@@ -1,6 +1,6 @@
 """Vision-language policies on one gloo rank: M-RoPE positions (by hand and against HF), the
 actor's log-probs of rows with images against plain HF forwards, the frozen vision tower through
-an update, and the configurations a VL policy refuses."""
+an update, and the configurations a VL policy refuses (LoRA on a VL policy: test_lora_vlm.py)."""
 
 from __future__ import annotations
 
@@ -143,8 +143,16 @@ def test_vision_language_configuration_errors():
     check_vision_language(cfg, hf_config)  # packed micro-batches carry images
     cfg.distributed.tp = 2
     check_vision_language(cfg, hf_config)  # the language model is tensor parallel, the tower replicated
-    for key, value in [("distributed.sp", 2), ("model.lora.rank", 8),
-                       ("algorithm.adv_estimator", "gae")]:
+    cfg = Config()
+    cfg.model.lora.rank = 8
+    check_vision_language(cfg, hf_config)  # LoRA on the language model, merged weights to the engine
+    cfg.model.lora.sync = "adapter"
+    with pytest.raises(ConfigError, match=r"model\.lora\.sync=merged"):
+        check_vision_language(cfg, hf_config)
+    cfg.model.lora.sync, cfg.model.vision.freeze_vision_tower = "merged", False  # adapters never reach the tower
+    with pytest.raises(ConfigError, match=r"model\.vision\.freeze_vision_tower=true"):
+        check_vision_language(cfg, hf_config)
+    for key, value in [("distributed.sp", 2), ("algorithm.adv_estimator", "gae")]:
         cfg = Config()
         section, name = key.rsplit(".", 1)
         owner = cfg
