@@ -50,11 +50,8 @@ def with_pixels(examples: list[PromptExample]) -> list[PromptExample]:
     """``examples`` with their images decoded and processed, each distinct prompt once (copies; a
     repeated prompt stays one object): the step's prompts, which engines and training batches read.
     Prompts without images, or already processed, pass as they are."""
-    done: dict[int, PromptExample] = {}
-    for e in examples:
-        if id(e) not in done:
-            done[id(e)] = replace(e, vision=e.vision.load()) if isinstance(e.vision, ImageSources) else e
-    return [done[id(e)] for e in examples]
+    return _each_prompt_once(examples, lambda e: replace(e, vision=e.vision.load())
+                             if isinstance(e.vision, ImageSources) else e)
 
 
 def example_state(example: PromptExample) -> dict:
@@ -72,11 +69,17 @@ def example_from_state(state: dict) -> PromptExample:
 
 def at_rest(examples: list[PromptExample]) -> list[PromptExample]:
     """``examples`` with processed images back at rest (what a prompt kept beyond its step holds)."""
+    return _each_prompt_once(examples, lambda e: replace(e, vision=e.vision.sources)
+                             if isinstance(e.vision, VisionInputs) and e.vision.sources is not None else e)
+
+
+def _each_prompt_once(examples: list[PromptExample], change) -> list[PromptExample]:
+    """``change(e)`` of each distinct prompt object once, in ``examples``' order (a repeated prompt
+    stays one object)."""
     done: dict[int, PromptExample] = {}
     for e in examples:
         if id(e) not in done:
-            keep = not isinstance(e.vision, VisionInputs) or e.vision.sources is None
-            done[id(e)] = e if keep else replace(e, vision=e.vision.sources)
+            done[id(e)] = change(e)
     return [done[id(e)] for e in examples]
 
 
